@@ -16,7 +16,7 @@ from protomem.grammar.rhm import (
     save_grammar,
     zipf_probs,
 )
-from protomem.grammar.sampling import Derivations, row_keys, sample_distinct_strings, sample_strings
+from protomem.grammar.sampling import Derivations, sample_distinct_strings, sample_strings
 
 __all__ = [
     "RHM",
@@ -29,7 +29,6 @@ __all__ = [
     "log_likelihood",
     "n_valid_strings",
     "parse",
-    "row_keys",
     "sample_distinct_strings",
     "sample_grammar",
     "sample_strings",

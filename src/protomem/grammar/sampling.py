@@ -8,6 +8,7 @@ import numpy as np
 
 from protomem.errors import ProtomemError
 from protomem.grammar.rhm import RHM
+from protomem.neighbors import row_keys
 
 _CHUNK = 1 << 15  # strings per vectorized chunk: keeps the working set in cache
 
@@ -169,12 +170,6 @@ def sample_strings(
     for start in range(0, count, _CHUNK):
         sampler.sample_into(out, start, classes[start : start + _CHUNK], rng)
     return out
-
-
-def row_keys(tokens: np.ndarray) -> np.ndarray:
-    """One hashable, comparable void scalar per row of a 2-D integer array (for np.unique / isin)."""
-    contiguous = np.ascontiguousarray(tokens)
-    return contiguous.view(np.dtype((np.void, contiguous.dtype.itemsize * contiguous.shape[1]))).ravel()
 
 
 def sample_distinct_strings(grammar: RHM, count: int, seed: int | np.random.Generator = 0) -> Derivations:

@@ -1,0 +1,103 @@
+"""Exact matches and Hamming nearest neighbours between token arrays (shared by every layer).
+
+Token arrays are (rows, length) integer arrays. Work is chunked so memory stays at about
+``chunk_bytes`` whatever the sizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protomem.errors import ProtomemError
+
+
+def row_keys(rows: np.ndarray) -> np.ndarray:
+    """One opaque, comparable void scalar per row of a 2-D array (for np.unique / np.isin / sorting)."""
+    contiguous = np.ascontiguousarray(rows)
+    if contiguous.ndim != 2:
+        raise ProtomemError(f"expected a 2-D array, got shape {contiguous.shape}")
+    return contiguous.view(np.dtype((np.void, contiguous.dtype.itemsize * contiguous.shape[1]))).ravel()
+
+
+def _same_dtype(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ProtomemError(f"token arrays must be 2-D with equal lengths, got {a.shape} and {b.shape}")
+    dtype = np.result_type(a.dtype, b.dtype)
+    return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+
+
+def exact_match_index(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """(K,) int64: for each query row, the index of an identical reference row (the first one), or -1.
+
+    Args:
+        reference: (P, N) rows to match against (e.g. the training set).
+        queries: (K, N) rows (e.g. generated samples).
+    """
+    reference, queries = _same_dtype(reference, queries)
+    ref_keys = row_keys(reference)
+    order = np.argsort(ref_keys, kind="stable")
+    sorted_keys = ref_keys[order]
+    query_keys = row_keys(queries)
+    if sorted_keys.size == 0:
+        return np.full(query_keys.size, -1, dtype=np.int64)
+    pos = np.searchsorted(sorted_keys, query_keys).clip(0, sorted_keys.size - 1)
+    found = sorted_keys[pos] == query_keys
+    return np.where(found, order[pos], -1).astype(np.int64)
+
+
+def nearest_hamming(
+    reference: np.ndarray,
+    queries: np.ndarray,
+    k: int = 1,
+    exclude_self: bool = False,
+    chunk_bytes: int = 64 << 20,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest reference rows of every query row by Hamming distance (number of differing tokens).
+
+    Args:
+        exclude_self: queries are the reference rows themselves (same order); a row is not its own
+            neighbour (identical duplicates at other indices still count, at distance 0).
+        chunk_bytes: memory budget of one (queries x reference x length) comparison chunk.
+
+    Returns:
+        distances: (K, k) int64, ascending; indices: (K, k) int64 reference rows (ties: lowest index).
+        Where fewer than k candidates exist, distance = length + 1 and index = -1.
+    """
+    reference, queries = _same_dtype(reference, queries)
+    if exclude_self and reference.shape != queries.shape:
+        raise ProtomemError("exclude_self needs queries identical to the reference rows")
+    n_ref, length = reference.shape
+    n_query = queries.shape[0]
+    small = (
+        np.uint8
+        if reference.size == 0 or max(reference.max(initial=0), queries.max(initial=0)) < 256
+        else None
+    )
+    if small is not None:
+        reference, queries = reference.astype(small), queries.astype(small)
+    distances = np.full((n_query, k), length + 1, dtype=np.int64)
+    indices = np.full((n_query, k), -1, dtype=np.int64)
+    if n_ref == 0 or n_query == 0:
+        return distances, indices
+    step = max(1, chunk_bytes // max(1, n_ref * length))
+    take = min(k, n_ref)
+    for start in range(0, n_query, step):
+        block = queries[start : start + step]
+        dist = (block[:, None, :] != reference[None, :, :]).sum(axis=2, dtype=np.int64)  # (B, P)
+        if exclude_self:
+            rows = np.arange(block.shape[0])
+            dist[rows, start + rows] = length + 1
+        if take < n_ref:
+            part = np.argpartition(dist, take - 1, axis=1)[:, :take]
+        else:
+            part = np.broadcast_to(np.arange(n_ref), (block.shape[0], n_ref))
+        part_dist = np.take_along_axis(dist, part, axis=1)
+        order = np.lexsort((part, part_dist), axis=1)
+        chosen = np.take_along_axis(part, order, axis=1)
+        chosen_dist = np.take_along_axis(part_dist, order, axis=1)
+        if exclude_self:
+            chosen = np.where(chosen_dist > length, -1, chosen)
+        distances[start : start + block.shape[0], :take] = chosen_dist
+        indices[start : start + block.shape[0], :take] = chosen
+    return distances, indices
