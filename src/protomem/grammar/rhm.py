@@ -293,7 +293,7 @@ def grammar_from_dict(doc: object, path: str | os.PathLike | None = None) -> RHM
                 where + ".rules",
             )
         rules.append(r_int)
-        probs.append(q / q.sum(axis=1, keepdims=True))
+        probs.append(q)
     return RHM(
         vocab_size=v,
         n_classes=n,
