@@ -88,14 +88,13 @@ def nearest_hamming(
         if exclude_self:
             rows = np.arange(block.shape[0])
             dist[rows, start + rows] = length + 1
+        # One key per pair orders by distance, then by index (ties go to the lowest index).
+        key = dist * n_ref + np.arange(n_ref)
         if take < n_ref:
-            part = np.argpartition(dist, take - 1, axis=1)[:, :take]
-        else:
-            part = np.broadcast_to(np.arange(n_ref), (block.shape[0], n_ref))
-        part_dist = np.take_along_axis(dist, part, axis=1)
-        order = np.lexsort((part, part_dist), axis=1)
-        chosen = np.take_along_axis(part, order, axis=1)
-        chosen_dist = np.take_along_axis(part_dist, order, axis=1)
+            key = np.take_along_axis(key, np.argpartition(key, take - 1, axis=1)[:, :take], axis=1)
+        key.sort(axis=1)
+        key = key[:, :take]
+        chosen, chosen_dist = key % n_ref, key // n_ref
         if exclude_self:
             chosen = np.where(chosen_dist > length, -1, chosen)
         distances[start : start + block.shape[0], :take] = chosen_dist
