@@ -254,3 +254,31 @@ def test_grammar_file_errors_name_the_field():
         grammar_from_dict(bad)
     with pytest.raises(ProtomemError, match="format"):
         grammar_from_dict({**doc, "format": "other/1"})
+
+
+def test_readme_worked_example():
+    """The tiny grammar drawn in README.md, checked by hand: v=2, n=1, m=2, s=2, L=2."""
+    doc = {
+        "format": "protomem.rhm/1",
+        "vocab_size": 2,
+        "n_classes": 1,
+        "rules_per_symbol": 2,
+        "branching": 2,
+        "depth": 2,
+        "seed": None,
+        "zipf_exponent": 0.0,
+        "zipf_levels": None,
+        "levels": [
+            {"rules": [[[1, 0], [0, 1]]], "probs": [[0.5, 0.5]]},
+            {"rules": [[[1, 1], [1, 0]], [[0, 0], [0, 1]]], "probs": [[0.5, 0.5], [0.5, 0.5]]},
+        ],
+    }
+    grammar = grammar_from_dict(doc)
+    assert n_valid_strings(grammar) == 8  # 1 class x 2 rules at each of the 3 internal nodes
+    result = parse(grammar, np.array([[0, 0, 1, 1], [1, 1, 1, 1]]))
+    # 0 0 1 1: (0,0) <- 1, (1,1) <- 0, (1,0) <- class 0; three rules of probability 1/2 each.
+    assert result.valid.tolist() == [True, False]
+    assert result.logprob[0] == pytest.approx(np.log(1 / 8))
+    assert result.symbols[1][0].tolist() == [1, 0]
+    # 1 1 1 1: both pairs reduce to symbol 0, but (0,0) is no rule of the class: fails at level 0.
+    assert result.deepest_valid_level.tolist() == [0, 1]
