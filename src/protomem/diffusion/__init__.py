@@ -1,0 +1,64 @@
+"""Discrete diffusion on fixed-length token sequences: noise processes, denoisers, trainer, sampler.
+
+Public API (what the study builds on)::
+
+    from protomem.diffusion import DiffusionConfig, train, load_checkpoint, generate, TrainResult
+
+Notes for callers:
+
+- ``DiffusionConfig(**fields)`` raises :class:`~protomem.errors.ProtomemError` (one line naming every bad
+  field) instead of pydantic's ValidationError; nested inside another pydantic model it validates like any
+  pydantic model. ``load_config(path, **overrides)`` reads YAML, ``config_from_dict(doc)`` a mapping.
+  ``config.resolved_eval_steps()`` is the exact evaluation schedule (log-spaced ``n_evals`` steps from 1
+  to ``steps``, or ``eval_steps``; the final step is always included).
+- ``train(config, data, run_dir, *, eval_callback=None, resume=False, progress=True, classes=None,
+  overwrite=False)``: ``data`` (P, N) integer tokens; ``classes`` (P,) is required iff
+  ``config.n_classes > 0``. A non-empty run_dir is refused unless ``resume`` or ``overwrite``.
+  ``resume=True`` on a run without a checkpoint starts from scratch. Resuming with a config that differs
+  (other than ``threads``) is refused.
+- ``eval_callback(step, samples, info)``: samples (K, N) int64 with K = config.eval_samples (may be 0),
+  drawn from the EMA weights when ``ema_decay`` is set; info = {"loss", "lr", "seconds",
+  "samples_per_second", "classes" ((K,) int64 drawn from the training classes, or None), "checkpoint"
+  (Path of this step's checkpoint directory)}. The checkpoint of an evaluation step is written *before*
+  the callback, but becomes the resume point only after the callback returns: a run killed inside the
+  callback calls it again for that step on resume, with identical samples.
+- Checkpoints: ``run_dir/checkpoints/step_XXXXXXXX/`` for every evaluation step (weights + EMA, kept);
+  the optimizer state is kept for the latest checkpoint only. ``load_checkpoint(run_dir, step=None)``
+  returns a :class:`LoadedCheckpoint` (.model in eval mode with EMA weights if any, .process, .config,
+  .step, .run_dir, .uses_ema); ``available_steps(run_dir)`` lists the checkpoints.
+- ``generate(loaded, count, *, sampling_steps=None, seed=0, classes=None, batch_size=512)`` -> (count, N)
+  int64; a class-conditional model with ``classes=None`` draws classes uniformly. The result depends on
+  (seed, batch_size, thread count).
+- Threads: ``config.threads=None`` probes 1 vs all cores on a throwaway copy and uses the faster; the
+  choice is in ``TrainResult.threads`` and the checkpoint state (a resume reuses it). ``train`` restores
+  the caller's torch thread count on return.
+- Same config (incl. seed) and thread count -> bit-identical losses, weights and evaluation samples.
+"""
+
+from protomem.diffusion.checkpoint import LoadedCheckpoint, available_steps, load_checkpoint
+from protomem.diffusion.config import DiffusionConfig, config_from_dict, load_config
+from protomem.diffusion.models import Transformer, TreeUNet, build_model, count_parameters
+from protomem.diffusion.processes import PROCESSES, MaskedProcess, NoiseProcess, UniformProcess, build_process
+from protomem.diffusion.sampling import generate
+from protomem.diffusion.trainer import TrainResult, train
+
+__all__ = [
+    "PROCESSES",
+    "DiffusionConfig",
+    "LoadedCheckpoint",
+    "MaskedProcess",
+    "NoiseProcess",
+    "TrainResult",
+    "Transformer",
+    "TreeUNet",
+    "UniformProcess",
+    "available_steps",
+    "build_model",
+    "build_process",
+    "config_from_dict",
+    "count_parameters",
+    "generate",
+    "load_checkpoint",
+    "load_config",
+    "train",
+]

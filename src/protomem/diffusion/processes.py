@@ -1,0 +1,257 @@
+"""Noise processes: forward corruption, training loss and ancestral sampler behind one interface.
+
+A process owns everything that depends on how tokens are corrupted; the trainer only calls
+``process.loss(model, x0, classes, generator)`` and ``process.sample(model, count, steps, classes,
+generator)``. Adding a process = one subclass of :class:`NoiseProcess` + one entry in ``PROCESSES``
+(+ its name in ``DiffusionConfig.process``); the trainer does not change.
+
+Conventions: tokens are int64 in [0, V); the model receives time as a fraction t in [0, 1] of the way to
+pure noise and returns logits (B, N, V) of the clean tokens (x0-parameterization).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from protomem.diffusion.config import DiffusionConfig
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class NoiseProcess(ABC):
+    """One discrete corruption process. Subclasses set ``n_input_tokens`` (what the model must embed)."""
+
+    name: str = ""
+    n_input_tokens: int
+
+    def __init__(self, config: DiffusionConfig) -> None:
+        self.vocab_size = config.vocab_size
+        self.config = config
+
+    @abstractmethod
+    def loss(
+        self,
+        model: Denoiser,
+        x0: torch.Tensor,
+        classes: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Scalar training loss for clean tokens x0 (B, N) int64; randomness only from ``generator``."""
+
+    @abstractmethod
+    def sample(
+        self,
+        model: Denoiser,
+        count: int,
+        seq_len: int,
+        steps: int,
+        classes: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Ancestral sampling with ``steps`` denoising steps -> (count, seq_len) int64 in [0, V)."""
+
+
+def _categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs (..., V) -> (...) int64, via inverse CDF (deterministic given generator)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+class UniformProcess(NoiseProcess):
+    """D3PM-uniform: q(x_t | x_0) keeps x_0 with probability abar_t, else a uniform token.
+
+    Discrete steps t = 1..T. Schedules of the keep probability abar_t (abar_0 = 1, abar_T = 0):
+    ``linear``: abar_t = 1 - t/T, i.e. beta_t = 1 / (T - t + 1) (Sohl-Dickstein et al.; the D3PM
+    "mutual-information" schedule for this process); ``cosine``: abar_t = cos(pi/2 (t/T + 0.008)/1.008)^2,
+    normalised so abar_0 = 1 (Nichol & Dhariwal; D3PM's choice for uniform noise).
+
+    Loss: the variational bound's term for one uniformly drawn t per sequence, KL(q(x_{t-1} | x_t, x_0)
+    || p(x_{t-1} | x_t)) (for t = 1: -log p(x_0 | x_1)), averaged over tokens, with
+    p(x_{t-1} | x_t) proportional to q(x_t | x_{t-1}) * sum_x0 q(x_{t-1} | x0) p~(x0 | x_t) (D3PM's
+    x0-parameterization), plus ``ce_weight`` times the cross-entropy of p~(x0 | x_t).
+    The full bound in nats per token is T times the KL part (plus the prior term, ~0 here).
+    """
+
+    name = "uniform"
+
+    def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__(config)
+        self.n_input_tokens = config.vocab_size
+        self.timesteps = config.timesteps
+        self.ce_weight = config.ce_weight
+        self.alpha_bar = uniform_alpha_bar(config.schedule, config.timesteps)  # (T+1,) float64
+
+    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0) for integer steps t (B,) -> (B, N) int64."""
+        keep = torch.rand(x0.shape, generator=generator) < self.alpha_bar[t].float()[:, None]
+        noise = torch.randint(0, self.vocab_size, x0.shape, generator=generator)
+        return torch.where(keep, x0, noise)
+
+    def _log_posterior(
+        self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, log_x0: torch.Tensor
+    ) -> torch.Tensor:
+        """log q(x_s | x_t, x0 ~ exp(log_x0)), s < t, normalised over the last axis.
+
+        x_t (B, N); t, s (B,) int; log_x0 (B, N, V) log-probabilities of x0 (one-hot or predicted).
+        """
+        v = self.vocab_size
+        abar_t = self.alpha_bar[t].float()[:, None, None]
+        abar_s = self.alpha_bar[s].float()[:, None, None]
+        keep = abar_t / abar_s  # probability that the step s -> t keeps the token
+        # q(x_t | x_s) as a function of x_s: keep * [x_s == x_t] + (1 - keep) / V
+        log_f = torch.log(keep * F.one_hot(x_t, v) + (1 - keep) / v)
+        # q(x_s | x0) mixed over x0: abar_s * p(x0) + (1 - abar_s) / V, in log space
+        log_g = torch.logaddexp(torch.log(abar_s) + log_x0, torch.log1p(-abar_s) - math.log(v))
+        return torch.log_softmax(log_f + log_g, dim=-1)
+
+    def loss(
+        self,
+        model: Denoiser,
+        x0: torch.Tensor,
+        classes: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        batch = x0.shape[0]
+        t = torch.randint(1, self.timesteps + 1, (batch,), generator=generator)
+        x_t = self.corrupt(x0, t, generator)
+        logits = model(x_t, t.float() / self.timesteps, classes)
+        log_p0 = torch.log_softmax(logits.float(), dim=-1)
+        log_x0_true = torch.log(F.one_hot(x0, self.vocab_size).float())  # 0 / -inf
+        log_q = self._log_posterior(x_t, t, t - 1, log_x0_true)
+        log_p = self._log_posterior(x_t, t, t - 1, log_p0)
+        q = log_q.exp()
+        kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum(-1)  # (B, N)
+        loss = kl.mean()
+        if self.ce_weight > 0:
+            loss = loss + self.ce_weight * F.nll_loss(log_p0.reshape(-1, self.vocab_size), x0.reshape(-1))
+        return loss
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Denoiser,
+        count: int,
+        seq_len: int,
+        steps: int,
+        classes: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        times = strided_times(self.timesteps, steps)
+        x = torch.randint(0, self.vocab_size, (count, seq_len), generator=generator)
+        for t_now, t_next in zip(times[:-1], times[1:], strict=True):
+            t = torch.full((count,), t_now, dtype=torch.long)
+            s = torch.full((count,), t_next, dtype=torch.long)
+            log_p0 = torch.log_softmax(model(x, t.float() / self.timesteps, classes).float(), dim=-1)
+            probs = self._log_posterior(x, t, s, log_p0).exp()
+            x = _categorical(probs, generator)
+        return x
+
+
+def uniform_alpha_bar(schedule: str, timesteps: int) -> torch.Tensor:
+    """Keep probabilities abar_0..abar_T (T+1,) float64 with abar_0 = 1 and abar_T = 0."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    if schedule == "linear":
+        alpha_bar = 1.0 - t
+    elif schedule == "cosine":
+        offset = 0.008
+        f = torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2
+        alpha_bar = f / f[0]
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    alpha_bar[-1] = 0.0
+    return alpha_bar
+
+
+def strided_times(timesteps: int, steps: int) -> list[int]:
+    """Decreasing integer times T = t_0 > t_1 > ... > t_k = 0 with k = min(steps, T) roughly even steps."""
+    raw = torch.linspace(timesteps, 0, min(steps, timesteps) + 1, dtype=torch.float64).round().long()
+    return sorted(set(raw.tolist()), reverse=True)
+
+
+class MaskedProcess(NoiseProcess):
+    """Absorbing / masked diffusion in continuous time (MDLM, MD4).
+
+    Token id V is the mask. At time t in (0, 1] each token is independently masked with probability
+    1 - alpha(t): ``linear`` alpha(t) = 1 - t, ``cosine`` alpha(t) = 1 - cos(pi/2 (1 - t)).
+    Loss: the continuous-time ELBO, E_t[ -alpha'(t) / (1 - alpha(t)) * sum over masked tokens of
+    -log p~(x0_i | x_t) ] / N, nats per token (an upper bound of the NLL per token). Times in a batch are
+    stratified (t_i = (u + i/B) mod 1) to reduce variance, as in MDLM.
+    Sampler: from t to s < t each masked token is revealed with probability
+    (alpha(s) - alpha(t)) / (1 - alpha(t)), its value drawn from p~(x0 | x_t); revealed tokens stay.
+    """
+
+    name = "masked"
+    min_time = 1e-3
+
+    def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__(config)
+        self.mask_id = config.vocab_size
+        self.n_input_tokens = config.vocab_size + 1
+        self.schedule = config.schedule
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.schedule == "linear":
+            return 1.0 - t
+        return 1.0 - torch.cos(math.pi / 2 * (1.0 - t))
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """-alpha'(t) / (1 - alpha(t))."""
+        if self.schedule == "linear":
+            return 1.0 / t
+        return math.pi / 2 * torch.tan(math.pi / 2 * (1.0 - t))
+
+    def loss(
+        self,
+        model: Denoiser,
+        x0: torch.Tensor,
+        classes: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        batch, n = x0.shape
+        u = torch.rand((1,), generator=generator)
+        t = torch.remainder(u + torch.arange(batch, dtype=torch.float32) / batch, 1.0)
+        t = self.min_time + (1.0 - self.min_time) * t
+        masked = torch.rand(x0.shape, generator=generator) < (1.0 - self.alpha(t))[:, None]
+        x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
+        logits = model(x_t, t, classes)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, N)
+        per_sequence = (nll * masked).sum(1) / n
+        return (self.weight(t) * per_sequence).mean()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Denoiser,
+        count: int,
+        seq_len: int,
+        steps: int,
+        classes: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        x = torch.full((count, seq_len), self.mask_id, dtype=torch.long)
+        for t_now, t_next in zip(times[:-1], times[1:], strict=True):
+            is_masked = x == self.mask_id
+            if not is_masked.any():
+                break
+            a_t, a_s = self.alpha(t_now), self.alpha(t_next)
+            reveal_prob = float((a_s - a_t) / (1.0 - a_t)) if t_next > 0 else 1.0
+            t = torch.full((count,), float(t_now), dtype=torch.float32)
+            probs = torch.softmax(model(x, t, classes).float(), dim=-1)
+            draw = _categorical(probs, generator)
+            reveal = is_masked & (torch.rand(x.shape, generator=generator) < reveal_prob)
+            x = torch.where(reveal, draw, x)
+        return x
+
+
+PROCESSES: dict[str, type[NoiseProcess]] = {"uniform": UniformProcess, "masked": MaskedProcess}
+
+
+def build_process(config: DiffusionConfig) -> NoiseProcess:
+    return PROCESSES[config.process](config)
