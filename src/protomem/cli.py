@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from protomem.diffusion import commands as diffusion_commands
 from protomem.errors import ProtomemError
 from protomem.grammar.commands import app as grammar_app
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(grammar_app, name="grammar")
 # Each package registers its commands below, one line each (keep this list in package order).
+diffusion_commands.register(app)
 
 
 def main() -> None:

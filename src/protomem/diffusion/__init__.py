@@ -32,15 +32,35 @@ Notes for callers:
 - Threads: ``config.threads=None`` probes 1 vs all cores on a throwaway copy and uses the faster; the
   choice is in ``TrainResult.threads`` and the checkpoint state (a resume reuses it). ``train`` restores
   the caller's torch thread count on return.
+- Importing ``protomem.diffusion`` is cheap: torch loads on first use of an exported name.
 - Same config (incl. seed) and thread count -> bit-identical losses, weights and evaluation samples.
 """
 
-from protomem.diffusion.checkpoint import LoadedCheckpoint, available_steps, load_checkpoint
-from protomem.diffusion.config import DiffusionConfig, config_from_dict, load_config
-from protomem.diffusion.models import Transformer, TreeUNet, build_model, count_parameters
-from protomem.diffusion.processes import PROCESSES, MaskedProcess, NoiseProcess, UniformProcess, build_process
-from protomem.diffusion.sampling import generate
-from protomem.diffusion.trainer import TrainResult, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "PROCESSES": "protomem.diffusion.processes",
+    "DiffusionConfig": "protomem.diffusion.config",
+    "LoadedCheckpoint": "protomem.diffusion.checkpoint",
+    "MaskedProcess": "protomem.diffusion.processes",
+    "NoiseProcess": "protomem.diffusion.processes",
+    "TrainResult": "protomem.diffusion.trainer",
+    "Transformer": "protomem.diffusion.models",
+    "TreeUNet": "protomem.diffusion.models",
+    "UniformProcess": "protomem.diffusion.processes",
+    "available_steps": "protomem.diffusion.checkpoint",
+    "build_model": "protomem.diffusion.models",
+    "build_process": "protomem.diffusion.processes",
+    "config_from_dict": "protomem.diffusion.config",
+    "count_parameters": "protomem.diffusion.models",
+    "generate": "protomem.diffusion.sampling",
+    "load_checkpoint": "protomem.diffusion.checkpoint",
+    "load_config": "protomem.diffusion.config",
+    "train": "protomem.diffusion.trainer",
+}
 
 __all__ = [
     "PROCESSES",
@@ -62,3 +82,25 @@ __all__ = [
     "load_config",
     "train",
 ]
+
+if TYPE_CHECKING:
+    from protomem.diffusion.checkpoint import LoadedCheckpoint, available_steps, load_checkpoint
+    from protomem.diffusion.config import DiffusionConfig, config_from_dict, load_config
+    from protomem.diffusion.models import Transformer, TreeUNet, build_model, count_parameters
+    from protomem.diffusion.processes import (
+        PROCESSES,
+        MaskedProcess,
+        NoiseProcess,
+        UniformProcess,
+        build_process,
+    )
+    from protomem.diffusion.sampling import generate
+    from protomem.diffusion.trainer import TrainResult, train
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` on first use (keeps ``import protomem.diffusion`` light)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'protomem.diffusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
