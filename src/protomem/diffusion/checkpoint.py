@@ -123,8 +123,11 @@ def available_steps(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def read_state(directory: Path) -> dict[str, Any]:
-    """state.json of one checkpoint, checked for our format tag and intact tensor files."""
+def read_state(directory: Path, *, with_optimizer: bool = False) -> dict[str, Any]:
+    """state.json of one checkpoint, checked for our format tag and intact tensor files.
+
+    The optimizer file (absent from all but the latest checkpoint) is checked only if ``with_optimizer``.
+    """
     path = directory / "state.json"
     if not directory.is_dir():
         raise ProtomemError("no such checkpoint", path=directory)
@@ -143,6 +146,8 @@ def read_state(directory: Path) -> dict[str, Any]:
         if field not in doc:
             raise ProtomemError(f"corrupt checkpoint state: missing {field!r}", path=path)
     for name, digest in doc["files"].items():
+        if name == "optimizer.safetensors" and not with_optimizer:
+            continue
         file = directory / name
         if not file.is_file():
             raise ProtomemError("checkpoint file missing", path=file)

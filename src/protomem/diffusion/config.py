@@ -173,6 +173,8 @@ def config_from_dict(doc: object, path: str | os.PathLike | None = None) -> Diff
         return DiffusionConfig.model_validate(doc)
     except ValidationError as exc:
         raise ProtomemError(validation_message(exc), path=path) from None
+    except ProtomemError as exc:  # raised by DiffusionConfig.__init__, which pydantic may call here
+        raise ProtomemError(exc.message, path=path) from None
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> DiffusionConfig:

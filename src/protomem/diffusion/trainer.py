@@ -252,7 +252,7 @@ def train(
     start_step, state = 0, None
     resume_from = latest_step(run_dir) if resume and run_dir.is_dir() else None
     if resume_from is not None:
-        state = read_state(checkpoint_dir(run_dir, resume_from))
+        state = read_state(checkpoint_dir(run_dir, resume_from), with_optimizer=True)
         _check_resume_config(state["config"], config, checkpoint_dir(run_dir, resume_from) / "state.json")
         start_step = resume_from
     elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not resume:
