@@ -54,6 +54,8 @@ def train(
     from protomem.diffusion.trainer import train as train_run
     from protomem.io import read_strings
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (resume or overwrite):
+        raise ProtomemError("run directory exists and is not empty (pass --resume or --overwrite)", path=out)
     overrides = {
         "process": None if process is None else process.value,
         "model": None if model is None else model.value,
