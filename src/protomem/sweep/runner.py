@@ -1,0 +1,351 @@
+"""Run every point of a sweep as a Ray task, retrying failed or killed points, never redoing finished ones.
+
+The driver validates all points, writes the manifest, skips finished points, and submits one Ray task per
+remaining point (``num_cpus=1``; the task pins torch to one thread, so N cores run N points without
+oversubscription). A task that raises or whose worker dies (killed, out of memory) is resubmitted up to
+``retries`` times; the new attempt calls ``run_condition(..., resume=True)`` on the same run directory and
+continues from the point's last checkpoint. Without ``address`` a private local Ray is started with all
+cores (or ``num_cpus``) and shut down at the end, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from protomem.errors import ProtomemError
+from protomem.sweep.layout import (
+    SweepLayout,
+    append_attempt,
+    has_started,
+    is_complete,
+    read_manifest,
+    write_manifest,
+)
+from protomem.sweep.spec import SweepPoint, SweepSpec, expand_points
+
+RAY_MISSING = "Ray is not installed; sweeps need it: pip install 'protomem[sweep]'"
+
+# (config, out_dir, *, resume, progress) -> run directory; default protomem.study.pipeline.run_condition.
+ConditionRunner = Callable[..., Any]
+
+
+@dataclass
+class SweepResult:
+    """What one ``run_sweep`` call did.
+
+    Attributes:
+        skipped: points already finished before this call (not run again).
+        completed: points finished by this call.
+        failed: point -> one-line error of its last attempt (points that exhausted their retries).
+        attempts: point -> attempts made by this call.
+        seconds: wall time of the call.
+    """
+
+    layout: SweepLayout
+    points: list[SweepPoint]
+    skipped: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def require_ray() -> Any:
+    """The ray module, or a one-line error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ProtomemError(RAY_MISSING) from None
+    return ray
+
+
+def run_point(
+    runner: ConditionRunner | None, config: Any, run_dir: str, attempts_path: str, attempt: int
+) -> dict[str, Any]:
+    """Run (or resume) one point; executed inside a Ray worker with one CPU.
+
+    Logs the attempt's start (pid, whether it resumes) and its end or error to ``attempts_path``.
+    Returns {"seconds": wall time of this attempt, "resumed": bool}.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    with contextlib.suppress(RuntimeError):  # allowed once per process; Ray reuses worker processes
+        torch.set_num_interop_threads(1)
+    if runner is None:
+        from protomem.study.pipeline import run_condition as runner
+    path = Path(run_dir)
+    resume = has_started(path)
+    log = Path(attempts_path)
+    append_attempt(log, "start", attempt=attempt, resume=resume)
+    start = time.perf_counter()
+    try:
+        runner(config, path, resume=resume, progress=False)
+    except BaseException as exc:
+        append_attempt(
+            log,
+            "error",
+            attempt=attempt,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc()[-4000:],
+        )
+        raise
+    seconds = time.perf_counter() - start
+    if not is_complete(path):
+        message = "run_condition returned but summary.json does not say status: complete"
+        append_attempt(log, "error", attempt=attempt, error=message)
+        raise RuntimeError(message)
+    append_attempt(log, "end", attempt=attempt, seconds=seconds)
+    return {"seconds": seconds, "resumed": resume}
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(_config_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def prepare_sweep_dir(
+    spec: SweepSpec,
+    layout: SweepLayout,
+    points: list[SweepPoint],
+    config_dicts: dict[str, dict[str, Any]],
+    spec_text: str | None = None,
+) -> None:
+    """Check that existing run directories belong to these configs, then write manifest and sweep.yaml.
+
+    Raises:
+        ProtomemError: a point already in the directory was run with a different config (the sweep file
+            or the study defaults changed); its results are kept, so choose another --out.
+    """
+    previous = read_manifest(layout)
+    old_points = {p["name"]: p for p in previous["points"]} if previous else {}
+    for point in points:
+        old = old_points.get(point.name)
+        if old is None or not has_started(layout.run_dir(point.name)):
+            continue
+        diffs = _config_diff(old.get("config", {}), config_dicts[point.name])
+        if diffs:
+            raise ProtomemError(
+                f"point {point.name} was run with a different config ({'; '.join(diffs[:3])}); "
+                "its results are kept: use another --out directory for the changed sweep",
+                path=layout.root,
+            )
+    names = {p.name for p in points}
+    retired = [p for p in (previous or {}).get("points", []) if p["name"] not in names]
+    retired += [p for p in (previous or {}).get("retired_points", []) if p["name"] not in names]
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_manifest(
+        layout,
+        {
+            "name": spec.name,
+            "description": spec.description,
+            "base": spec.base.model_dump(mode="json"),
+            "swept_keys": sorted({key for p in points for key in p.params}),
+            "points": [{"name": p.name, "params": p.params, "config": config_dicts[p.name]} for p in points],
+            "retired_points": retired,
+        },
+    )
+    from protomem.io import write_text_atomic
+
+    if spec_text is None:
+        spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    write_text_atomic(layout.sweep_file, spec_text)
+
+
+def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
+    """Start a private local Ray (or join ``address``). Returns True if this call started it."""
+    if ray.is_initialized():
+        return False
+    options: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+        "configure_logging": True,
+    }
+    if address:
+        ray.init(address=address, **options)
+    else:
+        cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
+        # "local" always starts a new instance, even if another user's `ray start` runs on this machine.
+        # The tasks return a few numbers, so a small object store spares /dev/shm.
+        ray.init(address="local", num_cpus=cpus, object_store_memory=128 * 1024**2, **options)
+    return True
+
+
+def _error_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    if cause is not None:
+        exc = cause
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    return isinstance(getattr(exc, "cause", None), ProtomemError) or isinstance(exc, ProtomemError)
+
+
+def execute_points(
+    layout: SweepLayout,
+    todo: list[SweepPoint],
+    configs: dict[str, Any],
+    *,
+    retries: int,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+    condition_runner: ConditionRunner | None = None,
+    result: SweepResult,
+) -> None:
+    """Run ``todo`` on Ray, retrying each point up to ``retries`` times; fills ``result``."""
+    ray = require_ray()
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    started_here = _init_ray(ray, address, num_cpus)
+    try:
+        remote = ray.remote(num_cpus=1, max_retries=0)(run_point)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        pending: dict[Any, tuple[SweepPoint, int]] = {}
+
+        def submit(point: SweepPoint, attempt: int) -> None:
+            ref = remote.remote(
+                condition_runner,
+                configs[point.name],
+                str(layout.run_dir(point.name)),
+                str(layout.attempts_path(point.name)),
+                attempt,
+            )
+            pending[ref] = (point, attempt)
+            result.attempts[point.name] = attempt
+
+        for point in todo:
+            submit(point, 1)
+        with Progress(
+            TextColumn("[bold]sweep[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not progress,
+            transient=False,
+        ) as bar:
+            task = bar.add_task(f"{len(todo)} points on {cpus} CPUs", total=len(todo))
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    point, attempt = pending.pop(ref)
+                    try:
+                        info = ray.get(ref)
+                    except Exception as exc:  # task raised, or its worker died (killed, out of memory)
+                        line = _error_line(exc)
+                        if attempt <= retries and not _is_user_error(exc):
+                            bar.console.print(f"retrying {point.name} (attempt {attempt + 1}) after {line}")
+                            submit(point, attempt + 1)
+                        else:
+                            bar.console.print(f"[red]failed[/red] {point.name}: {line}")
+                            result.failed[point.name] = line
+                            bar.advance(task)
+                        continue
+                    resumed = " (resumed)" if info.get("resumed") else ""
+                    bar.console.print(f"finished {point.name} in {info['seconds']:.0f} s{resumed}")
+                    result.completed.append(point.name)
+                    bar.advance(task)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_dir: str | os.PathLike,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    retries: int | None = None,
+    progress: bool = True,
+    condition_runner: ConditionRunner | None = None,
+    configs: dict[str, Any] | None = None,
+    spec_text: str | None = None,
+    mem_threshold: float | None = None,
+    gen_threshold: float | None = None,
+) -> SweepResult:
+    """Run a sweep into ``out_dir`` (resumable: finished points are skipped), then gather the results.
+
+    Args:
+        address: an existing Ray cluster to join (``ray://host:10001`` or ``host:6379``); None starts a
+            private local Ray with ``num_cpus`` CPUs (default: all cores).
+        retries: extra attempts for a failed or killed point (default: the sweep file's ``retries``).
+        condition_runner: a function with ``run_condition``'s signature, for tests; None = the study's.
+        configs: point name -> ConditionConfig, for tests; None = resolved through the study API.
+        mem_threshold, gen_threshold: thresholds of τ_mem / τ_gen stored in the points table.
+
+    Returns:
+        A :class:`SweepResult`; the tables are in ``out_dir/sweep.duckdb`` and ``out_dir/*.parquet``.
+    """
+    from protomem.sweep.conditions import config_to_dict, point_configs
+    from protomem.sweep.gather import gather
+
+    start = time.perf_counter()
+    if num_cpus is not None and num_cpus < 1:
+        raise ProtomemError(f"--cpus must be at least 1, got {num_cpus}")
+    if address and num_cpus is not None:
+        raise ProtomemError("--cpus applies to a local Ray only; a cluster given by --address has its own")
+    retries = spec.retries if retries is None else retries
+    if retries < 0:
+        raise ProtomemError(f"--retries must be at least 0, got {retries}")
+    points = expand_points(spec)
+    if configs is None:
+        configs = point_configs(spec, points)
+    config_dicts = {name: config_to_dict(config) for name, config in configs.items()}
+    layout = SweepLayout(Path(out_dir))
+    prepare_sweep_dir(spec, layout, points, config_dicts, spec_text=spec_text)
+    result = SweepResult(layout=layout, points=points)
+    todo = []
+    for point in points:
+        if is_complete(layout.run_dir(point.name)):
+            result.skipped.append(point.name)
+        else:
+            todo.append(point)
+    try:
+        if todo:
+            execute_points(
+                layout,
+                todo,
+                configs,
+                retries=retries,
+                address=address,
+                num_cpus=num_cpus,
+                progress=progress,
+                condition_runner=condition_runner,
+                result=result,
+            )
+    finally:
+        # Also after Ctrl-C: whatever finished is in the database.
+        gather(layout, mem_threshold=mem_threshold, gen_threshold=gen_threshold)
+        result.seconds = time.perf_counter() - start
+    return result
