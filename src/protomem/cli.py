@@ -14,6 +14,7 @@ import typer
 from protomem.diffusion import commands as diffusion_commands
 from protomem.errors import ProtomemError
 from protomem.grammar.commands import app as grammar_app
+from protomem.sweep.commands import app as sweep_app
 
 app = typer.Typer(
     name="protomem",
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.add_typer(grammar_app, name="grammar")
 # Each package registers its commands below, one line each (keep this list in package order).
 diffusion_commands.register(app)
+app.add_typer(sweep_app, name="sweep")
 
 
 def main() -> None:

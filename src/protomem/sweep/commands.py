@@ -1,0 +1,133 @@
+"""``protomem sweep ...``: run a sweep on Ray, query its database, write its report.
+
+``protomem sweep SWEEP.yaml`` is short for ``protomem sweep run SWEEP.yaml``: a first argument that is
+not a subcommand but a file (or ends in .yaml / .yml) runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from protomem.errors import ProtomemError
+
+console = Console(stderr=True)
+
+
+class SweepGroup(TyperGroup):
+    """A group where ``sweep FILE ...`` means ``sweep run FILE ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            first = args[0]
+            if Path(first).is_file() or first.endswith((".yaml", ".yml")):
+                args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=SweepGroup,
+    no_args_is_help=True,
+    help=(
+        "Parameter sweeps on Ray: every point of a grid is a study run.\n\n"
+        "protomem sweep SWEEP.yaml [--address ADDR] [--retries N] [--out DIR]   (same as `sweep run`)\n\n"
+        'protomem sweep query SWEEP_DIR "SELECT ..."\n\n'
+        "protomem sweep report SWEEP_DIR"
+    ),
+)
+
+MEM_HELP = "τ_mem threshold: fraction of samples that are exact training copies (default 0.1)."
+GEN_HELP = "τ_gen threshold: fraction of samples that are novel valid strings (default 0.5)."
+
+
+@app.command("run")
+def run_command(
+    sweep_file: Path = typer.Argument(..., help="Sweep file (YAML): base condition plus grid and/or points."),
+    address: str = typer.Option(
+        None,
+        "--address",
+        help="Join this Ray cluster (e.g. ray://head:10001) instead of starting a local Ray. "
+        "Every node needs protomem installed and must see --out (shared filesystem).",
+    ),
+    retries: int = typer.Option(
+        None, "--retries", help="Extra attempts per failed or killed point [default: 2]."
+    ),
+    out: Path = typer.Option(None, "--out", help="Sweep directory [default: runs/sweeps/<sweep name>]."),
+    cpus: int = typer.Option(None, "--cpus", help="CPUs of the local Ray, one point per CPU [default: all]."),
+    mem_threshold: float = typer.Option(None, "--mem-threshold", help=MEM_HELP),
+    gen_threshold: float = typer.Option(None, "--gen-threshold", help=GEN_HELP),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write SWEEP_DIR/report.html at the end."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run every point of SWEEP_FILE (re-running skips finished points and resumes interrupted ones)."""
+    from protomem.sweep.runner import require_ray, run_sweep
+    from protomem.sweep.spec import load_spec
+
+    spec = load_spec(sweep_file)
+    require_ray()  # fail before any work when the extra is missing
+    out_dir = out if out is not None else Path("runs") / "sweeps" / str(spec.name)
+    result = run_sweep(
+        spec,
+        out_dir,
+        address=address,
+        num_cpus=cpus,
+        retries=retries,
+        progress=progress,
+        spec_text=sweep_file.read_text(encoding="utf-8"),
+        mem_threshold=mem_threshold,
+        gen_threshold=gen_threshold,
+    )
+    console.print(
+        f"sweep {spec.name}: {len(result.points)} points, {len(result.skipped)} already finished, "
+        f"{len(result.completed)} finished now, {len(result.failed)} failed, {result.seconds:.0f} s"
+    )
+    console.print(f"database: {result.layout.database} (and *.parquet beside it)")
+    if report and (result.completed or result.skipped):
+        from protomem.sweep.report import build_report
+
+        path = build_report(out_dir, mem_threshold=mem_threshold, gen_threshold=gen_threshold)
+        console.print(f"report: {path}")
+    if result.failed:
+        console.print(
+            f"[red]{len(result.failed)} point(s) failed[/red] (errors in {out_dir}/attempts/); "
+            "run the same command again to retry them"
+        )
+        raise typer.Exit(1)
+
+
+@app.command("query")
+def query_command(
+    sweep_dir: Path = typer.Argument(..., help="A sweep directory."),
+    sql: str = typer.Argument(
+        ..., help='SQL over tables points, checkpoints, examples, e.g. "SELECT * FROM points".'
+    ),
+    limit: int = typer.Option(50, "--limit", help="Rows to print (0 = all)."),
+) -> None:
+    """Run SQL on SWEEP_DIR/sweep.duckdb and print the result as a table."""
+    from rich.console import Console as StdoutConsole
+
+    from protomem.sweep.layout import require_sweep_dir
+    from protomem.sweep.query import rich_table, run_query
+
+    if limit < 0:
+        raise ProtomemError(f"--limit must be at least 0, got {limit}")
+    frame = run_query(require_sweep_dir(sweep_dir), sql)
+    StdoutConsole().print(rich_table(frame, limit=limit or None))
+
+
+@app.command("report")
+def report_command(
+    sweep_dir: Path = typer.Argument(..., help="A sweep directory."),
+    out: Path = typer.Option(None, "--out", help="Report file [default: SWEEP_DIR/report.html]."),
+    mem_threshold: float = typer.Option(None, "--mem-threshold", help=MEM_HELP),
+    gen_threshold: float = typer.Option(None, "--gen-threshold", help=GEN_HELP),
+) -> None:
+    """Write a self-contained HTML report: τ_mem and τ_gen vs P, phase diagram, Zipf skew effects."""
+    from protomem.sweep.report import build_report
+
+    path = build_report(sweep_dir, out, mem_threshold=mem_threshold, gen_threshold=gen_threshold)
+    console.print(f"report: {path}")
