@@ -1,0 +1,414 @@
+"""Read the two sides of an audit (training data, generated outputs) and work out what they are.
+
+Modalities and the files that hold them:
+
+- ``sequences``: token sequences of any length — Parquet or jsonl with a ``tokens`` list column, or a
+  text file whose lines are integers separated by spaces (the protomem string format).
+- ``text``: plain text — a ``.txt`` file with one document per line, a folder of ``.txt`` files (one
+  document each), or Parquet / jsonl with a ``text`` column.
+- ``images``: a folder of PNG/JPEG (any size, grey or colour), or one ``.npy`` / ``.npz`` array of shape
+  (N, H, W) or (N, H, W, C) with C in {1, 3, 4}: uint8 (0..255) or float in [0, 1] (or [-1, 1]).
+
+Images become float32 (N, H, W, C) in [0, 1]; grey and colour mix by promoting grey to RGB; an alpha
+channel is dropped. Different sizes are an error unless ``resize`` is given (then every image is
+resized, bilinear, to the training set's first image size).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from protomem.errors import ProtomemError
+
+MODALITIES = ("sequences", "text", "images")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+def detect_modality(path: str | Path) -> str:
+    """'sequences', 'text' or 'images' from the file (or folder) itself; ProtomemError if unclear."""
+    path = Path(path)
+    if not path.exists():
+        raise ProtomemError("no such file or folder", path=path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ProtomemError("empty folder", path=path)
+        suffixes = {p.suffix.lower() for p in files}
+        if suffixes & set(IMAGE_SUFFIXES):
+            return "images"
+        if ".txt" in suffixes:
+            return "text"
+        raise ProtomemError(
+            f"folder holds neither images ({', '.join(IMAGE_SUFFIXES[:3])}, ...) nor .txt files", path=path
+        )
+    suffix = path.suffix.lower()
+    if suffix in ARRAY_SUFFIXES or suffix in IMAGE_SUFFIXES:
+        return "images"
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(path).names
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise ProtomemError(f"not a readable Parquet file ({exc})", path=path) from None
+        if "tokens" in names:
+            return "sequences"
+        if "text" in names:
+            return "text"
+        raise ProtomemError("Parquet file has neither a 'tokens' nor a 'text' column", path=path)
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ProtomemError(
+                            f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
+                        ) from None
+                    if isinstance(record, dict) and "tokens" in record:
+                        return "sequences"
+                    if isinstance(record, dict) and "text" in record:
+                        return "text"
+                    raise ProtomemError(
+                        "expected objects with a 'tokens' or a 'text' field",
+                        path=path,
+                        where=f"line {number}",
+                    )
+        raise ProtomemError("empty file", path=path)
+    if suffix in (".txt", ".text", ".tokens", ""):
+        seen = 0
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                words = line.split()
+                if not words:
+                    continue
+                seen += 1
+                if not all(w.lstrip("-").isdigit() for w in words):
+                    return "text"
+                if seen >= 200:
+                    break
+        if seen == 0:
+            raise ProtomemError("empty file", path=path)
+        return "sequences"
+    raise ProtomemError(f"cannot tell what {suffix!r} files hold; pass --modality", path=path)
+
+
+# ----------------------------------------------------------------------------------------------- sequences
+
+
+def read_sequences(path: str | Path) -> list[np.ndarray]:
+    """Token sequences of any lengths: one (n_i,) int64 array per record, validated (names the line)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    rows: list[list] = []
+    unit = "line"
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        unit = "row"
+        try:
+            rows = pq.read_table(path, columns=["tokens"]).column("tokens").to_pylist()
+        except Exception as exc:
+            raise ProtomemError(
+                f"not a readable Parquet file with a 'tokens' column ({exc})", path=path
+            ) from None
+        numbers = list(range(1, len(rows) + 1))
+    else:
+        numbers = []
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                if suffix in (".jsonl", ".json", ".ndjson"):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ProtomemError(
+                            f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
+                        ) from None
+                    if not isinstance(record, dict) or not isinstance(record.get("tokens"), list):
+                        raise ProtomemError(
+                            "expected an object with a 'tokens' list", path=path, where=f"line {number}"
+                        )
+                    rows.append(record["tokens"])
+                else:
+                    rows.append(line.split())
+                numbers.append(number)
+    if not rows:
+        raise ProtomemError("no sequences in file", path=path)
+    out = []
+    for row, number in zip(rows, numbers, strict=True):
+        if row is None or len(row) == 0:
+            raise ProtomemError("empty sequence", path=path, where=f"{unit} {number}")
+        try:
+            values = [int(t) if not isinstance(t, (bool, float)) else _bad_token(t) for t in row]
+        except (ValueError, TypeError):
+            raise ProtomemError("tokens must be integers", path=path, where=f"{unit} {number}") from None
+        array = np.asarray(values, dtype=np.int64)
+        if (array < 0).any():
+            raise ProtomemError("negative token", path=path, where=f"{unit} {number}")
+        out.append(array)
+    return out
+
+
+def _bad_token(value: object) -> int:
+    raise ValueError(value)
+
+
+def as_matrix(sequences: list[np.ndarray]) -> np.ndarray | None:
+    """(N, L) int64 if every sequence has the same length, else None."""
+    lengths = {len(s) for s in sequences}
+    return np.stack(sequences) if len(lengths) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Plain-text documents: one per line of a .txt file, one per .txt file in a folder, or a text column."""
+    path = Path(path)
+    docs: list[str] = []
+    if path.is_dir():
+        for file in sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt"):
+            try:
+                docs.append(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ProtomemError(f"unreadable text file ({exc})", path=file) from None
+    elif path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            docs = [d or "" for d in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+        except Exception as exc:
+            raise ProtomemError(
+                f"not a readable Parquet file with a 'text' column ({exc})", path=path
+            ) from None
+    elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ProtomemError(
+                        f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
+                    ) from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ProtomemError(
+                        "expected an object with a 'text' string", path=path, where=f"line {number}"
+                    )
+                docs.append(record["text"])
+    else:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                docs = [line.rstrip("\n") for line in handle if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise ProtomemError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
+    if not docs:
+        raise ProtomemError("no documents", path=path)
+    return docs
+
+
+# -------------------------------------------------------------------------------------------------- images
+
+
+def _to_unit_float(array: np.ndarray, path: Path) -> np.ndarray:
+    """Pixel values -> float32 in [0, 1] (uint8 / 255; floats in [0, 1] kept; [-1, 1] mapped)."""
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ProtomemError("integer pixels must lie in 0..255", path=path)
+        return array.astype(np.float32) / 255.0
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ProtomemError("pixels contain NaN or infinity", path=path)
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 1.0)
+        if low >= 0 and high <= 1:
+            return array
+        if low >= -1 and high <= 1:
+            return (array + 1) / 2
+        raise ProtomemError(
+            f"float pixels must lie in [0, 1] or [-1, 1], found [{low:g}, {high:g}]", path=path
+        )
+    raise ProtomemError(f"unsupported pixel dtype {array.dtype}", path=path)
+
+
+def _with_channels(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 3:
+        return array[..., None]
+    if array.ndim == 4 and array.shape[-1] in (1, 3, 4):
+        return array[..., :3] if array.shape[-1] == 4 else array
+    raise ProtomemError(f"expected images of shape (N, H, W) or (N, H, W, C), got {array.shape}", path=path)
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) float in [0, 1] -> (size[0], size[1], C), bilinear."""
+    from PIL import Image
+
+    channels = [
+        np.asarray(Image.fromarray(image[..., c]).resize((size[1], size[0]), Image.BILINEAR))
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+@dataclass
+class ImageSource:
+    """Images from a folder or an array file, read lazily in batches.
+
+    Attributes:
+        path: the folder or file; files: the image files (folder input) or None; count: number of images.
+        shape: (H, W, C) of the images as they come out of :meth:`batches` (after resize / promotion).
+    """
+
+    path: Path
+    files: list[Path] | None
+    count: int
+    native_shapes: set[tuple[int, int, int]] = field(default_factory=set)
+    shape: tuple[int, int, int] = (0, 0, 0)
+    _array: np.ndarray | None = None
+
+    def conform(self, shape: tuple[int, int, int] | None, resize: bool) -> None:
+        """Fix the output shape: ``shape`` (H, W, C) to match another source, or this source's own."""
+        sizes = {s[:2] for s in self.native_shapes}
+        channels = max(s[2] for s in self.native_shapes)
+        if shape is None:
+            if len(sizes) > 1 and not resize:
+                raise ProtomemError(
+                    f"images have different sizes {sorted(sizes)[:3]}... (pass --resize)",
+                    path=self._first_odd(),
+                )
+            size = next(iter(sorted(sizes))) if len(sizes) == 1 else self._first_size()
+            self.shape = (size[0], size[1], channels)
+            return
+        if (len(sizes) > 1 or next(iter(sizes)) != shape[:2]) and not resize:
+            raise ProtomemError(
+                f"images are {sorted(sizes)[0][0]}x{sorted(sizes)[0][1]}, the training images "
+                f"{shape[0]}x{shape[1]} (pass --resize)",
+                path=self.path,
+            )
+        self.shape = (shape[0], shape[1], max(channels, shape[2]))
+
+    def _first_size(self) -> tuple[int, int]:
+        if self._array is not None:
+            return tuple(self._array.shape[1:3])
+        return _peek_shape(self.files[0])[:2]
+
+    def _first_odd(self) -> Path:
+        if self.files is None:
+            return self.path
+        first = _peek_shape(self.files[0])[:2]
+        for file in self.files:
+            if _peek_shape(file)[:2] != first:
+                return file
+        return self.path
+
+    def _finish(self, image: np.ndarray) -> np.ndarray:
+        if image.shape[:2] != self.shape[:2]:
+            image = _resize(image, self.shape[:2])
+        if image.shape[2] == 1 and self.shape[2] == 3:
+            image = np.repeat(image, 3, axis=2)
+        return image
+
+    def read(self, indices: np.ndarray | range) -> np.ndarray:
+        """(len(indices), H, W, C) float32 in [0, 1]."""
+        if self._array is not None:
+            raw = _with_channels(np.asarray(self._array[np.asarray(indices, dtype=np.int64)]), self.path)
+            images = _to_unit_float(raw, self.path)
+            if images.shape[1:] == self.shape:
+                return images
+            return np.stack([self._finish(img) for img in images]) if len(images) else images
+        out = np.zeros((len(indices), *self.shape), dtype=np.float32)
+        for row, i in enumerate(indices):
+            out[row] = self._finish(_read_image_file(self.files[int(i)]))
+        return out
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, images) for consecutive batches of at most ``batch_size`` images."""
+        for start in range(0, self.count, batch_size):
+            yield start, self.read(range(start, min(self.count, start + batch_size)))
+
+    def name(self, i: int) -> str:
+        return self.files[i].name if self.files is not None else f"{self.path.name}[{i}]"
+
+
+def _read_image_file(file: Path) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], C = 1 (grey) or 3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            img.load()
+            mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA") else "RGB"
+            converted = img.convert(mode)
+            array = np.asarray(converted, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ProtomemError(f"unreadable image ({exc.__class__.__name__})", path=file) from None
+    return _to_unit_float(_with_channels(array[None], file)[0], file)
+
+
+def _peek_shape(file: Path) -> tuple[int, int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            grey = img.mode in ("1", "L", "I", "I;16", "F", "LA")
+            return (img.height, img.width, 1 if grey else 3)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ProtomemError(f"unreadable image ({exc.__class__.__name__})", path=file) from None
+
+
+def open_images(path: str | Path) -> ImageSource:
+    """An :class:`ImageSource` for a folder of image files or a .npy / .npz array (checked, not yet read)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ProtomemError("no image files in folder", path=path)
+        others = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p not in files]
+        if others:
+            raise ProtomemError("not an image file (the folder mixes images and other files)", path=others[0])
+        shapes = {_peek_shape(f) for f in files}
+        return ImageSource(path=path, files=files, count=len(files), native_shapes=shapes)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageSource(path=path.parent, files=[path], count=1, native_shapes={_peek_shape(path)})
+    try:
+        if path.suffix.lower() == ".npz":
+            archive = np.load(path, allow_pickle=False)
+            if not archive.files:
+                raise ProtomemError("empty .npz archive", path=path)
+            key = "images" if "images" in archive.files else archive.files[0]
+            array = archive[key]
+        else:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ProtomemError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ProtomemError(f"unreadable array file ({exc})", path=path) from None
+    array = _with_channels(array, path) if array.ndim in (3, 4) else _with_channels(array, path)
+    if array.shape[0] == 0:
+        raise ProtomemError("no images in array", path=path)
+    channels = array.shape[-1]
+    return ImageSource(
+        path=path,
+        files=None,
+        count=int(array.shape[0]),
+        native_shapes={(int(array.shape[1]), int(array.shape[2]), int(channels))},
+        _array=array,
+    )
+
+
+def image_bytes_keys(images: np.ndarray) -> np.ndarray:
+    """One hashable key per image for exact-duplicate search: pixels quantized to 8 bits."""
+    quantized = np.rint(np.asarray(images) * 255).astype(np.uint8).reshape(len(images), -1)
+    return quantized
