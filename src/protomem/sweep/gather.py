@@ -73,6 +73,15 @@ def find_leaf(config: Any, names: tuple[str, ...]) -> tuple[bool, Any]:
     return False, None
 
 
+def get_dotted(config: Any, key: str) -> Any:
+    """config["a"]["b"] for key "a.b"; None when a part is missing."""
+    for part in key.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
 def _column_value(value: Any) -> Any:
     """Scalars stay; lists, dicts and the like become canonical JSON text (one SQL type per column)."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -107,7 +116,14 @@ def point_status(run_dir: Path, events: list[dict[str, Any]], summary: dict[str,
 def _identity(point: dict[str, Any], short: dict[str, str]) -> dict[str, Any]:
     row: dict[str, Any] = {"point": point["name"]}
     for key, column in short.items():
-        row[column] = _column_value(point["params"].get(key))
+        # a point that does not set a swept key runs with the base config's value
+        if key in point["params"]:
+            value = point["params"][key]
+        else:
+            value = get_dotted(point.get("config", {}), key)
+            if value is None:
+                value = find_leaf(point.get("config", {}), (key.rsplit(".", 1)[-1],))[1]
+        row[column] = _column_value(value)
     for axis, names in AXES.items():
         if axis in row:
             continue

@@ -405,8 +405,10 @@ def build_report(
     context["table_header"] = [*shown, "τ_mem", "τ_gen"]
     context["table_rows"] = table_rows
 
-    sizes = _distinct(onsets, "n_train")
+    sized = onsets[onsets["n_train"].notna()] if "n_train" in onsets else onsets.iloc[:0]
+    sizes = _distinct(sized, "n_train")
     if len(sizes) >= 2 and MEM_COLUMN in checkpoints:
+        onsets = sized
         fits = {
             key: fit_power_law(onsets["n_train"], onsets[key], n_resamples=n_resamples)
             for key in ("tau_mem", "tau_gen")
