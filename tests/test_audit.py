@@ -1,0 +1,198 @@
+"""The audit's detectors on planted data: copies, noised, shifted, cropped and partial copies, fresh items."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protomem.audit.core import AuditConfig, audit_images, audit_sequences, audit_text
+from protomem.audit.stats import spearman_test
+from protomem.memorization import near, text
+
+
+def smooth_images(count: int, size: int, seed: int) -> np.ndarray:
+    """(count, size, size, 1) images in [0.2, 0.8]: random 8x8 fields upsampled, plus fine texture."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0.2, 0.8, size=(count, 8, 8))
+    images = np.kron(coarse, np.ones((size // 8, size // 8)))
+    images += rng.uniform(-0.05, 0.05, size=images.shape)
+    return np.clip(images, 0.2, 0.8).astype(np.float32)[..., None]
+
+
+# ----------------------------------------------------------------------------------------------- distances
+
+
+def test_tiled_l2_is_the_worst_tile_and_l2_the_average() -> None:
+    a = np.zeros((1, 8, 8, 1), dtype=np.float32)
+    b = a.copy()
+    delta = 0.4
+    b[0, :2, :2, 0] = delta  # one tile of the 4 x 4 grid differs by delta everywhere
+    assert near.tiled_l2(a, b, grid=4)[0] == pytest.approx(delta)
+    flat = near.rms(np.linalg.norm((a - b).ravel()), a.size)
+    assert flat == pytest.approx(delta / 4)  # sqrt(delta^2 * 4 / 64)
+
+
+def test_distance_ratio_edge_cases() -> None:
+    ratio = near.distance_ratio(np.array([0.0, 1.0, 0.0, 2.0]), np.array([0.0, 4.0, 3.0, 0.0]))
+    assert ratio.tolist() == [0.0, 0.25, 0.0, np.inf]
+
+
+def test_nearest_l2_matches_brute_force() -> None:
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(300, 20)).astype(np.float32)
+    queries = rng.normal(size=(40, 20)).astype(np.float32)
+    distances, indices = near.nearest_l2(reference, queries, k=3, batch_size=7)
+    brute = np.linalg.norm(queries[:, None] - reference[None], axis=2)
+    order = np.argsort(brute, axis=1)[:, :3]
+    np.testing.assert_array_equal(indices, order)
+    np.testing.assert_allclose(distances, np.take_along_axis(brute, order, axis=1), rtol=1e-4)
+    own, own_index = near.nearest_l2(reference, reference, k=1, exclude_self=True)
+    assert (own_index[:, 0] != np.arange(300)).all()
+    brute_self = np.linalg.norm(reference[:, None] - reference[None], axis=2)
+    np.fill_diagonal(brute_self, np.inf)
+    np.testing.assert_allclose(own[:, 0], brute_self.min(axis=1), rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), min_size=0, max_size=25),
+    st.lists(st.integers(0, 3), min_size=0, max_size=25),
+)
+def test_longest_common_run_matches_brute_force(a: list[int], b: list[int]) -> None:
+    length, start_a, start_b = text.longest_common_run(np.array(a), np.array(b))
+    best = 0
+    for i in range(len(a)):
+        for j in range(len(b)):
+            n = 0
+            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n]:
+                n += 1
+            best = max(best, n)
+    assert length == best
+    assert a[start_a : start_a + length] == b[start_b : start_b + length]
+
+
+def test_spearman_test_detects_monotone_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    strong = spearman_test(x, np.exp(x) + 0.01 * rng.normal(size=200), n_perm=500)
+    assert strong["rho"] > 0.95 and strong["p_permutation"] <= 2 / 501
+    assert strong["ci_low"] <= strong["rho"] <= strong["ci_high"]
+    noise = spearman_test(x, rng.normal(size=200), n_perm=500)
+    assert noise["ci_low"] < 0 < noise["ci_high"] and noise["p_permutation"] > 0.01
+    assert np.isnan(spearman_test(x, np.zeros(200))["rho"])
+
+
+# -------------------------------------------------------------------------------------------------- images
+
+
+def test_images_planted_copies_are_flagged_by_the_right_criteria() -> None:
+    train = smooth_images(400, 32, seed=0)
+    config = AuditConfig(max_shift=2)
+    rng = np.random.default_rng(1)
+    sigma = config.l2_threshold / 4  # well inside the L2 threshold, far from an exact copy
+    planted = {
+        "copy": train[0:5].copy(),
+        "noised": np.clip(train[5:10] + rng.normal(0, sigma, train[5:10].shape), 0, 1).astype(np.float32),
+        "shifted": np.roll(train[10:15], 2, axis=2),  # two pixels to the right (wrapping)
+        "partial": np.concatenate([train[15:20, :16], smooth_images(5, 32, seed=9)[:, 16:]], axis=1),
+        "fresh": smooth_images(5, 32, seed=2),
+    }
+    sources = {"copy": 0, "noised": 5, "shifted": 10, "partial": 15}
+    generated = np.concatenate(list(planted.values()))
+    result = audit_images(train, generated, config)
+    m = result.matches
+    kinds = np.repeat(list(planted), 5)
+    get = {kind: m[kinds == kind] for kind in planted}
+    assert get["copy"]["exact"].all() and (get["copy"]["d1"] == 0).all()
+    noised = get["noised"]
+    assert not noised["exact"].any()
+    assert noised[["l2", "ratio", "tiled"]].all().all()
+    np.testing.assert_allclose(noised["d1"], sigma, rtol=0.1)  # RMS of the added noise
+    shifted = get["shifted"]
+    assert not shifted["l2"].any() and not shifted["tiled"].any()  # a 2-pixel shift defeats plain L2
+    assert shifted["shifted"].all()
+    assert (shifted["shift_dx"] == -2).all() and (shifted["shift_dy"] == 0).all()
+    partial = get["partial"]
+    assert partial["partial"].all() and not partial["tiled"].any() and not partial["copied"].any()
+    assert (partial["tile_fraction"] >= 0.5).all()  # at least the top half of the 4 x 4 tiles
+    assert not get["fresh"][["copied", "partial"]].any().any()
+    for kind, first in sources.items():
+        if kind != "partial":
+            assert get[kind]["train_index"].tolist() == list(range(first, first + 5))
+    assert result.summary["n_copied_outputs"] == 15
+    assert result.summary["counts"]["exact"] == 5
+    assert result.per_train["copies"].sum() == 15
+
+
+def test_images_density_ranks_typical_items_lower() -> None:
+    rng = np.random.default_rng(0)
+    cluster = 0.5 + rng.normal(0, 0.01, size=(50, 8, 8, 1))
+    outliers = rng.uniform(0, 1, size=(5, 8, 8, 1))
+    train = np.clip(np.concatenate([cluster, outliers]), 0, 1).astype(np.float32)
+    result = audit_images(train, train[:3], AuditConfig(density_k=3))
+    density = result.per_train["density"].to_numpy()
+    assert density[:50].max() < density[50:].min()
+
+
+# ----------------------------------------------------------------------------------------------- sequences
+
+
+def test_sequences_planted() -> None:
+    rng = np.random.default_rng(0)
+    length = 64
+    train = list(rng.integers(0, 50, size=(300, length)))
+    config = AuditConfig(span_tokens=20)
+    mutated = train[10].copy()
+    positions = rng.choice(length, size=3, replace=False)
+    mutated[positions] = (mutated[positions] + 1) % 50
+    rotated = np.roll(train[20], 5)
+    fresh = rng.integers(0, 50, size=length)
+    result = audit_sequences(train, [train[3], mutated, rotated, fresh], config)
+    m = result.matches
+    assert m["exact"].tolist() == [True, False, False, False]
+    assert m["d1"].tolist()[:2] == [0, 3]
+    assert m["hamming"].tolist() == [True, True, False, False]
+    assert m["ratio"].tolist() == [True, True, False, False]
+    assert m["longest_span"][2] == length - 5  # the rotation keeps 59 tokens in order
+    assert m["span"].tolist() == [True, True, True, False]
+    assert m["train_index"].tolist() == [3, 10, 20, -1]
+    assert not m["copied"][3]
+
+
+def test_sequences_with_grammar_add_block_scores() -> None:
+    from protomem.grammar import sample_distinct_strings, sample_grammar
+
+    grammar = sample_grammar(vocab_size=8, n_classes=4, rules_per_symbol=2, branching=2, depth=3, seed=0)
+    tokens = sample_distinct_strings(grammar, 60, seed=0).tokens
+    train = list(tokens)
+    result = audit_sequences(train, train[:5], AuditConfig(span_tokens=4), grammar=grammar)
+    assert "block_count_same_pos_l2" in result.per_train.columns
+    assert "block_count_same_pos_l2" in result.summary["prototypicality"]
+    assert result.matches["exact"].all()
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+
+def test_text_planted_spans_and_coverage() -> None:
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{i}" for i in range(3000)])
+    train_docs = [" ".join(rng.choice(words, size=200)) for _ in range(100)]
+    k = 25
+    config = AuditConfig(span_tokens=k)
+    crop = " ".join(train_docs[4].split()[50:110])
+    fresh_words = [f"new{i}" for i in range(100)]
+    inserted = " ".join(fresh_words[:50] + train_docs[7].split()[10:40] + fresh_words[50:])
+    short = " ".join(fresh_words[:50] + train_docs[8].split()[0 : k - 5] + fresh_words[50:])
+    generated = [train_docs[2], crop, inserted, short, " ".join(fresh_words)]
+    result = audit_text(train_docs, generated, config)
+    m = result.matches
+    assert m["exact"].tolist() == [True, False, False, False, False]
+    assert m["longest_span"].tolist() == [200, 60, 30, 0, 0]
+    np.testing.assert_allclose(m["covered_fraction"], [1.0, 1.0, 30 / 130, 0.0, 0.0])
+    assert m["span"].tolist() == [True, True, True, False, False]
+    assert m["train_index"].tolist() == [2, 4, 7, -1, -1]
+    assert m["span_output_start"][2] == 50 and m["span_train_start"][2] == 10
+    assert m["covered"].tolist() == [True, True, False, False, False]
