@@ -15,7 +15,7 @@ from typer.core import TyperGroup
 
 from protomem.errors import ProtomemError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # summary lines stay whole in logs
 
 
 class SweepGroup(TyperGroup):

@@ -312,8 +312,19 @@ def figure_zipf_onsets(onsets: pd.DataFrame, table: pd.DataFrame):
 
 
 def correlation_columns(points: pd.DataFrame) -> tuple[str, str | None, str | None] | None:
-    for value, low, high in CORRELATION_COLUMNS:
-        if value in points and points[value].notna().any():
+    """(value, low, high) columns of the per-run memorization–prototypicality correlation, or None.
+
+    The study's summary.json is flattened into the points table; its Spearman ρ is a column named
+    ``rho`` or ``<prefix>_rho`` with ``<prefix>_ci_low`` / ``<prefix>_ci_high`` beside it. The preferred
+    names come first (CORRELATION_COLUMNS), then any other ``*_rho`` column.
+    """
+    candidates = [c for c in CORRELATION_COLUMNS if c[0] in points]
+    for column in points.columns:
+        if column.endswith("rho") and column not in [c[0] for c in candidates]:
+            prefix = column[: -len("rho")]
+            candidates.append((column, f"{prefix}ci_low", f"{prefix}ci_high"))
+    for value, low, high in candidates:
+        if value in points and pd.to_numeric(points[value], errors="coerce").notna().any():
             return value, (low if low in points else None), (high if high in points else None)
     return None
 

@@ -224,7 +224,7 @@ def execute_points(
         TimeRemainingColumn,
     )
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     started_here = _init_ray(ray, address, num_cpus)
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(run_point)
