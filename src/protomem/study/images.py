@@ -85,7 +85,7 @@ def eval_schedule(preset: ImageStudyPreset) -> list[int]:
 
 
 def load_digit_subset(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images (n, 8, 8, 1) in [0, 1], dataset indices, labels, all digits (1797, 8, 8, 1)), class-balanced."""
+    """Class-balanced digits: (images (n, 8, 8, 1) in [0, 1], dataset indices, labels, all 1797 digits)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
