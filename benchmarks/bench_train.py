@@ -63,8 +63,11 @@ class ConvTreeUNet(nn.Module):
                 self.up[level].weight.copy_(ours.weight.reshape(branching, width, width).permute(2, 1, 0))
                 ours.bias.copy_(ours.bias[:width].repeat(branching))
                 self.up[level].bias.copy_(ours.bias[:width])
-                self.merge[level].weight.copy_(reference.merge[level].weight[:, :, None])
-                self.merge[level].bias.copy_(reference.merge[level].bias)
+                merge = torch.cat(
+                    [reference.merge_up[level].weight, reference.merge_skip[level].weight], dim=1
+                )
+                self.merge[level].weight.copy_(merge[:, :, None])
+                self.merge[level].bias.copy_(reference.merge_skip[level].bias)
 
     @staticmethod
     def _norm(norm: nn.LayerNorm, h: torch.Tensor) -> torch.Tensor:
@@ -85,8 +88,7 @@ class ConvTreeUNet(nn.Module):
 
 def check_same_function(ours: nn.Module, conv: nn.Module) -> None:
     x, t = torch.randint(0, 8, (16, 8)), torch.rand(16)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, t), conv(x, t), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours(x, t), conv(x, t), rtol=1e-4, atol=1e-4)
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:

@@ -104,7 +104,9 @@ class TreeUNet(nn.Module):
     After every convolution: + time/class embedding, LayerNorm, GELU. ``blocks_per_level`` adds residual
     MLP blocks at each resolution on the way down and up.
 
-    Parameters (large matrices): 3 * L matrices of 2 * W^2 (down, up, skip merge) + embeddings.
+    Parameters (large matrices): 3 * L * 2 * W^2 (down conv, transposed conv, skip merge) + embeddings.
+    Without gradients (sampling) the merge's up-path half is folded into the transposed convolution,
+    which computes the same function with a quarter fewer FLOPs.
     """
 
     def __init__(
@@ -129,7 +131,11 @@ class TreeUNet(nn.Module):
         self.down = nn.ModuleList(StrideConv(width, width, branching) for _ in range(depth))
         self.down_norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.up = nn.ModuleList(StrideConvTranspose(width, width, branching) for _ in range(depth))
-        self.merge = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(depth))
+        # The pointwise merge of [up-path, skip] (a Linear(2W, W) on their concatenation) kept as two halves,
+        # so inference can fold the up-path half into the transposed convolution (see _fused_up).
+        self.merge_up = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth))
+        self.merge_skip = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self._fused_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
         self.up_norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.down_blocks = nn.ModuleList(
             nn.ModuleList(ResidualMLP(width) for _ in range(blocks_per_level)) for _ in range(depth)
@@ -140,6 +146,24 @@ class TreeUNet(nn.Module):
         self.out_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)
 
+    def _fused_up(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (s*W, W) and bias (s*W,) of x -> merge_up(up(x)) per child, cached per weight version.
+
+        With U_j, c_j the transposed conv's weight/bias for child j and A the merge's up-path half:
+        child j = A (U_j x + c_j) = (A U_j) x + A c_j.
+        """
+        up, merge = self.up[level].linear, self.merge_up[level]
+        key = tuple((p.data_ptr(), p._version) for p in (up.weight, up.bias, merge.weight))
+        cached = self._fused_cache.get(level)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            s, w = self.up[level].stride, merge.weight.shape[0]
+            weight = torch.matmul(merge.weight, up.weight.reshape(s, w, -1)).reshape(s * w, -1)
+            bias = torch.matmul(up.bias.reshape(s, w), merge.weight.T).reshape(s * w)
+        self._fused_cache[level] = (key, weight, bias)
+        return weight, bias
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         cond = self.conditioning(t, classes)[:, None, :]  # (B, 1, W)
         h = self.embedding(x)  # (B, N, W)
@@ -149,9 +173,15 @@ class TreeUNet(nn.Module):
                 h = block(h, cond[:, 0])
             skips.append(h)
             h = F.gelu(self.down_norm[level](self.down[level](h) + cond))  # (B, n/s, W)
+        fuse = not torch.is_grad_enabled()
         for level in reversed(range(self.depth)):
-            h = self.up[level](h)  # (B, n*s, W)
-            h = self.merge[level](torch.cat([h, skips[level]], dim=-1))
+            if fuse:  # same function, one matmul fewer: merge_up(up(h)) as a single transposed conv
+                b, n, w = h.shape
+                weight, bias = self._fused_up(level)
+                h = F.linear(h, weight, bias).reshape(b, n * self.up[level].stride, w)
+            else:
+                h = self.merge_up[level](self.up[level](h))  # (B, n*s, W)
+            h = self.merge_skip[level](skips[level]) + h
             h = F.gelu(self.up_norm[level](h + cond))
             for block in self.up_blocks[level]:
                 h = block(h, cond[:, 0])
