@@ -1,0 +1,308 @@
+"""Run one condition of the study end to end: grammar, training set, training with evaluations, analysis.
+
+``run_condition(config, out_dir)`` writes into ``out_dir``:
+
+    config.yaml          the resolved condition, seeds, package versions, threads used
+    grammar.json         the RHM
+    train.parquet        the P training strings (tokens, class, logprob)
+    train/               the diffusion run (checkpoints/, its own config.yaml and loss log metrics.parquet)
+    evals/               one Parquet file per evaluation step (the resumable record of what was sampled)
+    samples.parquet      every generated sample with its classification
+    metrics.parquet      one row per evaluation step
+    per_example.parquet  every training string: prototypicality scores, copies over time, first memorized step
+    slop.parquet         per evaluation step, level, position and training block: training / sample counts,
+                         grammar probability
+    nulls.parquet        the Monte Carlo null draws of the correlations (for pooling across conditions)
+    summary.json         the verdict and its numbers; "status": "complete" is written last
+    report.html          the self-contained report (``protomem report`` rebuilds it from the tables)
+
+Killed at any point, ``run_condition(..., resume=True)`` continues from the last checkpoint and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from protomem.errors import ProtomemError
+from protomem.grammar import RHM, load_grammar, sample_distinct_strings, sample_grammar, save_grammar
+from protomem.io import atomic_path, write_json_atomic, write_strings, write_text_atomic
+from protomem.memorization.hierarchy import Classification, classify_samples
+from protomem.study.config import ConditionConfig, condition_from_dict
+
+EVALS_DIR = "evals"
+TRAIN_DIR = "train"
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    import torch
+
+    import protomem
+
+    return {
+        "protomem": str(getattr(protomem, "__version__", "0")),
+        "python": platform.python_version(),
+        "numpy": str(numpy.__version__),
+        "scipy": str(scipy.__version__),
+        "torch": str(torch.__version__),
+    }
+
+
+def write_table(path: Path, columns: dict[str, Any]) -> None:
+    """Write a dict of equal-length columns as Parquet, atomically."""
+    table = pa.table({k: (v if isinstance(v, list) else np.asarray(v)) for k, v in columns.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_summary(out_dir: Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(out_dir: Path) -> bool:
+    summary = read_summary(out_dir)
+    return bool(summary and summary.get("status") == "complete")
+
+
+def load_condition_config(out_dir: Path) -> ConditionConfig:
+    path = Path(out_dir) / "config.yaml"
+    if not path.is_file():
+        raise ProtomemError("not a study condition directory (no config.yaml)", path=out_dir)
+    doc = yaml.safe_load(path.read_text())
+    return condition_from_dict(doc.get("condition"), path=path)
+
+
+def build_grammar(config: ConditionConfig) -> RHM:
+    g = config.grammar
+    return sample_grammar(
+        g.vocab_size,
+        g.n_classes,
+        g.rules_per_symbol,
+        g.branching,
+        g.depth,
+        seed=g.seed,
+        zipf_exponent=g.zipf_exponent,
+        zipf_levels=g.zipf_levels,
+    )
+
+
+def _prepare_dir(config: ConditionConfig, out_dir: Path, resume: bool, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ProtomemError("exists and is not a directory", path=out_dir)
+    non_empty = out_dir.is_dir() and any(out_dir.iterdir())
+    if non_empty and resume:
+        saved = load_condition_config(out_dir).model_dump(mode="json")
+        mine = config.model_dump(mode="json")
+        saved["diffusion"].pop("threads", None)
+        mine["diffusion"].pop("threads", None)
+        if saved != mine:
+            raise ProtomemError(
+                "the run directory holds a different condition; resume it with its own config", path=out_dir
+            )
+    elif non_empty and not overwrite:
+        raise ProtomemError(
+            "run directory exists and is not empty (pass --resume to continue it or --overwrite)",
+            path=out_dir,
+        )
+    elif non_empty:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _samples_columns(step: int, sampler: str, samples: np.ndarray, result: Classification) -> dict[str, Any]:
+    columns: dict[str, Any] = {
+        "step": np.full(len(samples), step, dtype=np.int64),
+        "sampler": [sampler] * len(samples),
+        "sample": np.arange(len(samples), dtype=np.int64),
+        "tokens": samples.tolist(),
+        "status": result.status.astype(str).tolist(),
+        "copy_index": result.copy_index,
+        "failing_level": result.failing_level,
+        "nn_hamming": result.nn_hamming,
+        "nn_index": result.nn_index,
+        "logprob": result.logprob,
+    }
+    for level, (copied, holders) in enumerate(zip(result.block_copied, result.block_holders, strict=True)):
+        columns[f"copied_l{level}"] = copied.tolist()
+        columns[f"holders_l{level}"] = holders.tolist()
+    return columns
+
+
+def _eval_path(out_dir: Path, step: int) -> Path:
+    return out_dir / EVALS_DIR / f"step_{step:08d}.parquet"
+
+
+def run_condition(
+    config: ConditionConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run one condition into ``out_dir`` (see the module docstring) and return ``out_dir``.
+
+    Args:
+        resume: continue a killed run (its config must match, apart from threads); a complete run is
+            returned as is.
+        overwrite: replace a non-empty ``out_dir`` (otherwise refused).
+        progress: show progress bars and stage messages.
+    """
+    from protomem.diffusion import train
+
+    out_dir = Path(out_dir)
+    if resume and is_complete(out_dir):
+        return out_dir
+    _prepare_dir(config, out_dir, resume, overwrite)
+    say = _stage_printer(progress, config.name)
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    grammar = build_grammar(config)
+    save_grammar(grammar, out_dir / "grammar.json")
+    data = sample_distinct_strings(grammar, config.data.n_train, seed=config.data.seed)
+    write_strings(out_dir / "train.parquet", data.tokens, classes=data.classes, logprobs=data.logprob)
+    diffusion_config = config.diffusion_config()
+    doc = {
+        "condition": config.model_dump(mode="json"),
+        "diffusion_config": diffusion_config.model_dump(mode="json"),
+        "seeds": {
+            "grammar": config.grammar.seed,
+            "data": config.data.seed,
+            "model": config.diffusion.seed,
+            "analysis": config.analysis.seed,
+        },
+        "versions": _versions(),
+    }
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+    timings["setup"] = time.perf_counter() - clock
+
+    def on_eval(step: int, _samples: np.ndarray, info: dict[str, Any]) -> None:
+        # Sample from the checkpoint just written, in a fresh model: the trainer's in-place sampler can
+        # reuse fused weights cached before the optimizer's (fused AdamW) update, so its samples after
+        # the first evaluation may not come from the current weights.
+        samples = _sample_checkpoint(out_dir, step, config.evaluation.n_samples, None, config.diffusion.seed)
+        result = classify_samples(grammar, data.tokens, samples)
+        columns = _samples_columns(step, "train", samples, result)
+        columns["loss"] = np.full(len(samples), info["loss"])
+        columns["seconds"] = np.full(len(samples), info["seconds"])
+        write_table(_eval_path(out_dir, step), columns)
+
+    say(f"training ({diffusion_config.steps} steps, evaluations at {diffusion_config.resolved_eval_steps()})")
+    clock = time.perf_counter()
+    classes = data.classes if config.data.class_conditional else None
+    result = train(
+        diffusion_config.model_copy(update={"eval_samples": 0}),
+        data.tokens,
+        out_dir / TRAIN_DIR,
+        eval_callback=on_eval,
+        resume=True,
+        progress=progress,
+        classes=classes,
+    )
+    timings["train"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    finer_path = out_dir / EVALS_DIR / "finer.parquet"
+    if not finer_path.is_file():
+        say(f"finer-sampler check on the final checkpoint ({config.finer_sampling_steps()} steps)")
+        _finer_check(config, out_dir, grammar, data.tokens, finer_path, result.threads)
+    timings["finer_sampler"] = time.perf_counter() - clock
+
+    from protomem.study.analysis import analyze_condition
+
+    clock = time.perf_counter()
+    say("analysis (detectors, prototypicality, Monte Carlo nulls, slop)")
+    summary = analyze_condition(config, out_dir, grammar, data, progress=progress)
+    timings["analysis"] = time.perf_counter() - clock
+
+    summary["min_excess"] = config.analysis.min_excess
+    summary["threads"] = int(result.threads)
+    summary["train_seconds"] = float(result.seconds)
+    summary["status"] = "analysed"
+    write_json_atomic(out_dir / "summary.json", summary)
+
+    from protomem.study.report import render_condition_report
+
+    clock = time.perf_counter()
+    render_condition_report(out_dir, summary)
+    timings["report"] = time.perf_counter() - clock
+    summary["stage_seconds"] = timings
+    summary["status"] = "complete"
+    write_json_atomic(out_dir / "summary.json", summary)
+    if progress:
+        say(f"done: {summary['verdict']}")
+    return out_dir
+
+
+def _sample_checkpoint(
+    out_dir: Path, step: int | None, count: int, sampling_steps: int | None, seed: int
+) -> np.ndarray:
+    """(count, N) samples of the checkpoint at ``step`` (latest if None), seeded by (seed, step)."""
+    from protomem.diffusion import generate, load_checkpoint
+
+    loaded = load_checkpoint(out_dir / TRAIN_DIR, step)
+    key = int(np.random.SeedSequence([seed, int(loaded.step), 0x5EED]).generate_state(1)[0])
+    return generate(loaded, count, sampling_steps=sampling_steps, seed=key)
+
+
+def _finer_check(
+    config: ConditionConfig, out_dir: Path, grammar: RHM, train_tokens: np.ndarray, path: Path, threads: int
+) -> None:
+    import torch
+
+    from protomem.diffusion import available_steps
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        step = max(available_steps(out_dir / TRAIN_DIR))
+        samples = _sample_checkpoint(
+            out_dir,
+            step,
+            config.evaluation.n_samples,
+            config.finer_sampling_steps(),
+            config.diffusion.seed + 1,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    result = classify_samples(grammar, train_tokens, samples)
+    columns = _samples_columns(int(step), "finer", samples, result)
+    columns["loss"] = np.full(len(samples), np.nan)
+    columns["seconds"] = np.full(len(samples), np.nan)
+    write_table(path, columns)
+
+
+def _stage_printer(progress: bool, name: str):
+    if not progress:
+        return lambda message: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return lambda message: console.print(f"[bold]{name}[/bold]: {message}")
+
+
+def load_grammar_and_train(out_dir: Path) -> tuple[RHM, np.ndarray]:
+    """The grammar and training tokens of a condition directory."""
+    from protomem.io import read_strings
+
+    grammar = load_grammar(out_dir / "grammar.json")
+    table = read_strings(out_dir / "train.parquet", vocab_size=grammar.vocab_size, length=grammar.length)
+    return grammar, table.tokens

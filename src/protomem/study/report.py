@@ -1,0 +1,223 @@
+"""The study's HTML reports, rebuilt from a run directory's tables alone (``protomem report RUN_DIR``).
+
+A condition directory (summary.json + metrics/per_example/nulls/slop tables) gets ``report.html`` with
+every figure; a study directory (``study.json`` + ``conditions/<name>/``) gets a report with the pooled
+verdict, the per-condition table and forest plot, and links to each condition's report.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from protomem.errors import ProtomemError
+from protomem.grammar import load_grammar
+
+STUDY_FILE = "study.json"
+
+
+def _read(out_dir: Path, name: str) -> pd.DataFrame:
+    path = out_dir / name
+    if not path.is_file():
+        raise ProtomemError(f"missing table {name}; is this a finished study run?", path=out_dir)
+    return pd.read_parquet(path)
+
+
+def _summary(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "summary.json"
+    if not path.is_file():
+        raise ProtomemError(
+            "no summary.json: not a study run directory, or the run has not finished", path=out_dir
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ProtomemError(f"summary.json is not valid JSON ({exc})", path=path) from None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if np.isnan(value):
+            return "–"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None = None) -> Path:
+    """Write ``out_dir/report.html`` from the condition's tables; returns its path."""
+    from protomem.htmlreport import figure_img, render_page
+    from protomem.study import figures
+
+    out_dir = Path(out_dir)
+    summary = summary if summary is not None else _summary(out_dir)
+    grammar = load_grammar(out_dir / "grammar.json")
+    metrics = _read(out_dir, "metrics.parquet")
+    per_example = _read(out_dir, "per_example.parquet")
+    nulls = _read(out_dir, "nulls.parquet")
+    slop = _read(out_dir, "slop.parquet")
+    train_log_path = out_dir / "train" / "metrics.parquet"
+    train_log = pd.read_parquet(train_log_path) if train_log_path.is_file() else None
+    steps = metrics["step"].to_numpy()
+    s, depth = grammar.branching, grammar.depth
+    primary = summary["primary_score"]
+    correlations = summary["correlations"]
+    score_names = [n for n in correlations]
+
+    figs = {
+        "loss": figure_img(figures.loss_figure(train_log, metrics), "training loss"),
+        "phase": figure_img(figures.phase_figure(metrics), "copies, novel valid, invalid vs step"),
+        "partial": figure_img(figures.partial_copy_figure(metrics, s, depth), "partial copies per level"),
+        "scores": figure_img(
+            figures.scores_figure(per_example, correlations, score_names), "memorization vs each score"
+        ),
+        "survival": figure_img(
+            figures.survival_figure(per_example, steps, primary), f"survival by quartile of {primary}"
+        ),
+        "survival_logprob": figure_img(
+            figures.survival_figure(per_example, steps, "logprob"), "survival by quartile of log p(x)"
+        ),
+        "nulls": figure_img(
+            figures.null_figure(nulls, primary, correlations[primary]["rho"]), "observed rho vs the nulls"
+        ),
+        "expected": figure_img(figures.expected_copies_figure(per_example), "copies vs K p(x)"),
+        "slop": figure_img(
+            figures.slop_figure(slop, summary["n_train"], summary["n_samples"], s, depth), "slop per level"
+        ),
+    }
+    coefficients = summary["logistic"]["coefficients"]
+    if coefficients:
+        figs["logistic"] = figure_img(figures.logistic_figure(coefficients), "joint logistic model")
+
+    ranked = per_example.assign(
+        _first=per_example["first_memorized_index"], _excess=-per_example["excess_final"]
+    ).sort_values(["_first", "_excess", "index"])
+    trees = []
+    for label, rows in (("most memorized", ranked.head(3)), ("least memorized", ranked.tail(3).iloc[::-1])):
+        for _, row in rows.iterrows():
+            step = int(row["first_memorized_step"])
+            title = (
+                f"{label}: training string {int(row['index'])}; first memorized "
+                f"{'never' if step < 0 else f'at step {step}'}; copies {int(row['copies_final'])} "
+                f"(K p(x) = {row['expected_copies']:.2g})\n{primary} = {row[primary]:.3g}, "
+                f"log p = {row['logprob']:.2f}, nn Hamming = {int(row['nn_hamming'])}"
+            )
+            trees.append(figure_img(figures.tree_figure(grammar, np.asarray(row["tokens"]), title), title))
+
+    level_rows = [
+        {
+            "label": f"level {lv} ({s ** (depth - lv)}-token blocks)",
+            "observed": _fmt(float(metrics[f"frac_block_copy_l{lv}"].iloc[-1])),
+            "chance": _fmt(float(metrics[f"chance_block_copy_l{lv}"].iloc[0])),
+            "slop": _fmt(float(metrics[f"slop_slope_l{lv}"].iloc[-1])),
+            "grammar_slope": _fmt(float(metrics[f"grammar_slope_l{lv}"].iloc[-1])),
+        }
+        for lv in range(depth)
+    ]
+    correlation_rows = [
+        {
+            "name": name,
+            "rho": _fmt(c["rho"], 2),
+            "ci": f"[{_fmt(c['ci_low'], 2)}, {_fmt(c['ci_high'], 2)}]",
+            "p_perm": _fmt(c["p_permutation"]),
+            "null_grammar": _fmt(c.get("null_mean_grammar"), 2),
+            "p_grammar": _fmt(c.get("p_grammar")),
+            "null_calibrated": _fmt(c.get("null_mean_calibrated"), 2),
+            "p_calibrated": _fmt(c.get("p_calibrated")),
+            "direction": c.get("direction", ""),
+        }
+        for name, c in correlations.items()
+    ]
+    metric_rows = metrics.to_dict("records")
+    path = out_dir / "report.html"
+    render_page(
+        "study_condition.html.j2",
+        path,
+        summary=summary,
+        figs=figs,
+        trees=trees,
+        level_rows=level_rows,
+        correlation_rows=correlation_rows,
+        metric_rows=metric_rows,
+        depth=depth,
+        fmt=_fmt,
+        positive=summary["verdict"].startswith("Prototypical"),
+        protomem_version="",
+    )
+    return path
+
+
+def render_study_report(study_dir: str | Path) -> Path:
+    """Write ``study_dir/report.html`` (pooled verdict, per-condition table, forest plot, links)."""
+    from protomem.htmlreport import figure_img, render_page
+    from protomem.study import figures
+
+    study_dir = Path(study_dir)
+    doc_path = study_dir / STUDY_FILE
+    if not doc_path.is_file():
+        raise ProtomemError("no study.json: not a study run directory", path=study_dir)
+    study = json.loads(doc_path.read_text())
+    rows = []
+    for name in study["conditions"]:
+        condition_dir = study_dir / "conditions" / name
+        summary = _summary(condition_dir)
+        primary = summary["primary"]
+        rows.append(
+            {
+                "name": name,
+                "link": f"conditions/{name}/report.html",
+                "rho": primary["rho"],
+                "ci_low": primary["ci_low"],
+                "ci_high": primary["ci_high"],
+                "null_mean_calibrated": primary.get("null_mean_calibrated", np.nan),
+                "null_mean_grammar": primary.get("null_mean_grammar", np.nan),
+                "p_calibrated": primary.get("p_calibrated", np.nan),
+                "p_grammar": primary.get("p_grammar", np.nan),
+                "train_mass": summary["train_mass"],
+                "zipf": summary["grammar"]["zipf_exponent"],
+                "n_strings": summary["grammar"]["n_strings"],
+                "frac_memorized": summary["frac_memorized_final"],
+                "frac_copy": summary["final"]["frac_exact_copy"],
+                "threads": summary.get("threads"),
+                "seconds": summary.get("train_seconds"),
+                "finer": summary.get("finer_sampler") or {},
+            }
+        )
+    pooled = study.get("pooled")
+    figs = {"forest": figure_img(figures.forest_figure(rows, pooled), "per-condition correlations")}
+    survival = []
+    for row in rows:
+        condition_dir = study_dir / "conditions" / row["name"]
+        per_example = pd.read_parquet(condition_dir / "per_example.parquet")
+        steps = pd.read_parquet(condition_dir / "metrics.parquet")["step"].to_numpy()
+        fig = figures.survival_figure(per_example, steps, study["primary_score"])
+        fig.axes[0].set_title(f"{row['name']}: survival by quartile of {study['primary_score']}", fontsize=9)
+        survival.append(figure_img(fig, f"survival curves of {row['name']}"))
+    path = study_dir / "report.html"
+    render_page(
+        "study.html.j2",
+        path,
+        study=study,
+        rows=rows,
+        figs=figs,
+        survival=survival,
+        fmt=_fmt,
+        positive=study["verdict"].startswith("Prototypical"),
+        protomem_version="",
+    )
+    return path
+
+
+def render_report(run_dir: str | Path) -> Path:
+    """Rebuild the report of a study directory or of one condition directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ProtomemError("no such run directory", path=run_dir)
+    if (run_dir / STUDY_FILE).is_file():
+        return render_study_report(run_dir)
+    return render_condition_report(run_dir)

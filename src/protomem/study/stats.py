@@ -1,0 +1,231 @@
+"""Statistics of the study: Spearman with bootstrap intervals and permutation p-values, Monte Carlo nulls,
+a multi-score logistic model.
+
+Copy counts are overdispersed (a memorized string is copied many times, most strings not at all), so
+no p-value here comes from a textbook formula: every one is a Monte Carlo or permutation tail fraction
+``(1 + #{null >= observed}) / (1 + draws)``.
+
+The primary endpoint of a training string is its *first memorized checkpoint* (protomem.memorization.
+tracking). Its "earliness" is minus that index, with never-memorized strings tied last; a positive
+Spearman correlation between a prototypicality score and earliness means "prototypical strings are
+memorized first".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _rank_rows(values: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis (ties share their mean rank)."""
+    return rankdata(values, axis=-1, method="average")
+
+
+def _corr_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation along the last axis (broadcasting); NaN where either side is constant."""
+    a = a - a.mean(axis=-1, keepdims=True)
+    b = b - b.mean(axis=-1, keepdims=True)
+    denom = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (a * b).sum(axis=-1) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of two (P,) arrays (NaN rows dropped); NaN if either is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    if keep.sum() < 3:
+        return float("nan")
+    return float(_corr_rows(_rank_rows(x[keep]), _rank_rows(y[keep])))
+
+
+@dataclass
+class CorrelationResult:
+    """Spearman rho with a percentile bootstrap 95% interval and a two-sided permutation p-value."""
+
+    rho: float
+    ci_low: float
+    ci_high: float
+    p_permutation: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "rho": self.rho,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "p_permutation": self.p_permutation,
+            "n": self.n,
+        }
+
+
+def spearman_with_uncertainty(
+    x: np.ndarray, y: np.ndarray, *, n_bootstrap: int = 1000, n_permutations: int = 1000, seed: int = 0
+) -> CorrelationResult:
+    """Spearman rho of (x, y), a bootstrap 95% CI (resampling pairs) and a permutation p (two-sided)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    n = x.size
+    rho = spearman(x, y)
+    if n < 3 or np.isnan(rho):
+        return CorrelationResult(rho, float("nan"), float("nan"), float("nan"), int(n))
+    rng = np.random.default_rng(seed)
+    boot = []
+    for start in range(0, n_bootstrap, 200):  # chunks keep memory at 200 x n
+        idx = rng.integers(0, n, size=(min(200, n_bootstrap - start), n))
+        boot.append(_corr_rows(_rank_rows(x[idx]), _rank_rows(y[idx])))
+    boot_rho = np.concatenate(boot)
+    low, high = np.nanpercentile(boot_rho, [2.5, 97.5])
+    rank_x, rank_y = _rank_rows(x), _rank_rows(y)
+    perms = np.argsort(rng.random((n_permutations, n)), axis=1)
+    null = _corr_rows(rank_x[None, :], rank_y[perms])
+    p = (1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (1 + n_permutations)
+    return CorrelationResult(float(rho), float(low), float(high), float(p), int(n))
+
+
+def earliness(first_index: np.ndarray) -> np.ndarray:
+    """Minus the first memorized checkpoint index (never memorized = one past the last, tied last)."""
+    return -np.asarray(first_index, dtype=float)
+
+
+def dispersion_shape(copies: np.ndarray, baseline: np.ndarray) -> float:
+    """Gamma shape k of per-string memorization propensity, by moments of the excess copies.
+
+    Negative-binomial moments: Var = mu + mu^2 / k. Returns a large k (about Poisson) when the excess is
+    not overdispersed.
+
+    Args:
+        copies: (P,) observed copies at one checkpoint; baseline: (P,) expected copies without memorization.
+    """
+    excess = np.clip(np.asarray(copies, float) - np.asarray(baseline, float), 0.0, None)
+    mu, var = excess.mean(), excess.var()
+    if mu <= 0 or var <= mu:
+        return 1e6
+    return float(max(mu * mu / (var - mu), 1e-3))
+
+
+def simulate_first_index(
+    baseline: np.ndarray,
+    expected: np.ndarray,
+    total_copies: np.ndarray,
+    shape: float,
+    n_draws: int,
+    min_excess: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """(n_draws, P) first memorized checkpoint index under a null of score-blind memorization.
+
+    Copies of string i at checkpoint t are Poisson with rate ``baseline[i, t] + g_i * X_t / P``: the
+    baseline (what the grammar, or the model's own rate for strings of that likelihood, predicts) plus a
+    share of the observed excess X_t = max(total_copies[t] - sum_i baseline[i, t], 0) spread over the
+    strings by a propensity g_i ~ Gamma(shape, 1/shape) (mean 1) that is fixed per string across
+    checkpoints (memorized strings stay memorized) and independent of every score.
+
+    Args:
+        baseline: (P, T) expected copies per string and checkpoint without memorization.
+        expected: (P,) K p(x), the threshold's reference (as for the observed data).
+        total_copies: (T,) observed copies of training strings per checkpoint.
+    """
+    n_train, n_checkpoints = baseline.shape
+    excess = np.clip(total_copies - baseline.sum(axis=0), 0.0, None)  # (T,)
+    out = np.empty((n_draws, n_train), dtype=np.int64)
+    threshold = np.round(expected)[:, None] + min_excess
+    for draw in range(n_draws):
+        propensity = rng.gamma(shape, 1.0 / shape, size=n_train)
+        propensity *= n_train / max(propensity.sum(), 1e-12)  # the excess is exactly redistributed
+        rate = baseline + propensity[:, None] * excess[None, :] / n_train
+        copies = rng.poisson(rate)
+        mask = copies >= threshold
+        ever = mask.any(axis=1)
+        out[draw] = np.where(ever, mask.argmax(axis=1), n_checkpoints)
+    return out
+
+
+def null_rhos(score: np.ndarray, null_first_index: np.ndarray) -> np.ndarray:
+    """(n_draws,) Spearman rho of score vs earliness for every null draw (NaN scores dropped)."""
+    score = np.asarray(score, dtype=float)
+    keep = ~np.isnan(score)
+    ranks = _rank_rows(score[keep])
+    return _corr_rows(ranks[None, :], _rank_rows(earliness(null_first_index[:, keep])))
+
+
+def tail_p(observed: float, null: np.ndarray) -> float:
+    """One-sided Monte Carlo p-value that the null reaches ``observed`` (upper tail)."""
+    null = np.asarray(null, dtype=float)
+    null = null[~np.isnan(null)]
+    if np.isnan(observed) or null.size == 0:
+        return float("nan")
+    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + null.size))
+
+
+def calibration_factors(
+    sample_logprob: np.ndarray,
+    sample_is_novel: np.ndarray,
+    bin_edges: np.ndarray,
+    novel_mass: np.ndarray,
+    n_samples: int,
+) -> np.ndarray:
+    """(B,) ratio of the model's rate of *novel* valid strings to the grammar's, per log p(x) bin.
+
+    A factor of 1 means the model samples non-training strings of that likelihood as often as the
+    grammar would; the calibrated null multiplies K p(x) of each training string by its bin's factor.
+
+    Args:
+        sample_logprob: (K,) log p(x) of the samples (NaN for invalid ones).
+        sample_is_novel: (K,) valid and not in the training set.
+        bin_edges: (B+1,) log p(x) bin edges (the outer ones are -inf / +inf).
+        novel_mass: (B,) grammar probability mass of the non-training strings in each bin.
+    """
+    which = np.clip(np.searchsorted(bin_edges, sample_logprob[sample_is_novel], side="right") - 1, 0, None)
+    counts = np.bincount(which, minlength=len(novel_mass))[: len(novel_mass)]
+    expected = n_samples * np.asarray(novel_mass, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(expected > 0, counts / np.where(expected > 0, expected, 1.0), 0.0)
+
+
+def halfway_checkpoint(first_index: np.ndarray, n_checkpoints: int) -> int:
+    """The checkpoint at which the memorized fraction is closest to one half (the most informative cut)."""
+    fractions = np.array([(np.asarray(first_index) <= t).mean() for t in range(n_checkpoints)])
+    return int(np.argmin(np.abs(fractions - 0.5)))
+
+
+def logistic_model(
+    scores: dict[str, np.ndarray], outcome: np.ndarray, *, n_bootstrap: int = 200, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Logistic regression of a binary outcome on several standardized scores at once.
+
+    Returns, per score: the coefficient (log-odds per standard deviation) with a bootstrap 95% interval.
+    Empty when the outcome has a single class.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    names = list(scores)
+    design = np.column_stack([np.asarray(scores[n], dtype=float) for n in names])
+    outcome = np.asarray(outcome, dtype=int)
+    keep = ~np.isnan(design).any(axis=1)
+    design, outcome = design[keep], outcome[keep]
+    if design.shape[0] < 10 or np.unique(outcome).size < 2:
+        return {}
+    std = design.std(axis=0)
+    std[std == 0] = 1.0
+    design = (design - design.mean(axis=0)) / std
+
+    def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        if np.unique(y).size < 2:
+            return np.full(x.shape[1], np.nan)
+        return LogisticRegression(C=10.0, max_iter=500).fit(x, y).coef_[0]
+
+    coef = fit(design, outcome)
+    rng = np.random.default_rng(seed)
+    boots = np.array(
+        [fit(design[idx], outcome[idx]) for idx in rng.integers(0, len(outcome), (n_bootstrap, len(outcome)))]
+    )
+    low, high = np.nanpercentile(boots, [2.5, 97.5], axis=0)
+    return {
+        name: {"coef": float(c), "ci_low": float(lo), "ci_high": float(hi)}
+        for name, c, lo, hi in zip(names, coef, low, high, strict=True)
+    }
