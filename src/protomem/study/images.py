@@ -50,7 +50,7 @@ class ImageStudyPreset:
     lr: float = 2e-3
     n_evals: int = 12
     first_eval: int = 200
-    eval_samples: int = 192
+    eval_samples: int = 384
     copies_for_memorized: int = 2
     density_k: int = 5
     seed: int = 0
@@ -324,11 +324,34 @@ def _evaluate(
         "frac_exact": float(m["exact"].mean()),
         "median_d1": float(m["d1"].median()),
         "median_ratio": float(m["d1_over_d2"].median()),
+        "median_d1_copies": float(m.loc[m["ratio"], "d1"].median()) if m["ratio"].any() else None,
         "copies": per_item,
         "samples": np.rint(images[:64, ..., 0] * 255).astype(np.uint8).tolist(),
         "nearest": m["nearest_train"].to_numpy()[:64].tolist(),
         "sample_seconds": time.perf_counter() - started,
     }
+
+
+def detector_bias(
+    train01: np.ndarray, sigma: float, seed: int, replicates: int = 20
+) -> dict[str, np.ndarray]:
+    """A uniform copier: each training digit copied ``replicates`` times with Gaussian noise of RMS ``sigma``.
+
+    Returns, per criterion ("ratio", "l2"), the (P,) probability that such a noisy copy is flagged as a
+    copy of its own source. Any correlation of it with density is a bias of the criterion, not of a model.
+    """
+    from protomem.audit.core import AuditConfig, audit_images
+
+    rng = np.random.default_rng(seed)
+    n = len(train01)
+    hits = {"ratio": np.zeros(n), "l2": np.zeros(n)}
+    for _ in range(replicates):
+        noisy = np.clip(train01 + rng.normal(0, sigma, train01.shape), 0, 1).astype(np.float32)
+        m = audit_images(train01, noisy, AuditConfig(), density=False).matches
+        own = m["nearest_train"].to_numpy() == np.arange(n)
+        for flag in hits:
+            hits[flag] += m[flag].to_numpy() & own
+    return {flag: count / replicates for flag, count in hits.items()}
 
 
 def first_memorized(copies: np.ndarray, steps: np.ndarray, threshold: int) -> np.ndarray:
@@ -402,6 +425,13 @@ def analyse(run: Path, settings, evals, train01, dataset_index, labels, all_digi
             result["n_memorized"] = int(np.isfinite(first).sum())
             statistics[f"{flag}:{score}"] = result
     null_stat = spearman_test(density_train, null_hits.astype(float), seed=settings.seed)
+    copy_noise = [e.get("median_d1_copies") for e in evals if e.get("median_d1_copies") is not None]
+    sigma = float(np.median(copy_noise)) if copy_noise else 0.03
+    bias = detector_bias(train01, sigma, settings.seed)
+    bias_stats = {flag: spearman_test(density_train, p, seed=settings.seed) for flag, p in bias.items()}
+    per_example["detect_prob_ratio"] = bias["ratio"]
+    per_example["detect_prob_l2"] = bias["l2"]
+    per_example.to_parquet(run / "per_example.parquet", index=False)
     memorized = int(np.isfinite(criteria["ratio"]["first"]).sum())
     main = statistics["ratio:density_train"]
     first_step = np.nanmin(criteria["ratio"]["first"]) if memorized else None
@@ -427,6 +457,25 @@ def analyse(run: Path, settings, evals, train01, dataset_index, labels, all_digi
             f"[{main['ci_low']:+.2f}, {main['ci_high']:+.2f}], permutation p = "
             f"{main['p_permutation']:.3g})."
         )
+    b, l2 = bias_stats["ratio"], statistics["l2:density_train"]
+    if np.isfinite(b["rho"]):
+        verdict += (
+            f" Detector check: noisy copies of every digit (noise RMS {sigma:.3f}, the model's median copy "
+            f"distance) are flagged by d1/d2 < 1/3 with a probability whose Spearman rho with density is "
+            f"{b['rho']:+.2f} (p = {b['p_permutation']:.3g})"
+        )
+        same_sign = np.isfinite(main["rho"]) and np.sign(b["rho"]) == np.sign(-main["rho"])
+        if b["p_permutation"] < 0.05 and same_sign:
+            verdict += (
+                ": the criterion itself favours the same digits; the ordering says nothing about the model."
+            )
+        else:
+            verdict += "."
+    if np.isfinite(l2["rho"]):
+        verdict += (
+            f" With the absolute L2 criterion (RMS <= 0.05) instead: rho = {l2['rho']:+.2f}, 95% CI "
+            f"[{l2['ci_low']:+.2f}, {l2['ci_high']:+.2f}], p = {l2['p_permutation']:.3g}."
+        )
     return {
         "modality": "images",
         "preset": asdict(settings),
@@ -450,6 +499,11 @@ def analyse(run: Path, settings, evals, train01, dataset_index, labels, all_digi
             "held_out_digits": int(len(held_out)),
             "fraction_flagged": float(null["ratio"].mean()),
             "spearman_density_vs_null_flags": null_stat,
+        },
+        "detector_bias": {
+            "copy_noise_rms": sigma,
+            "mean_detect_prob": {flag: float(p.mean()) for flag, p in bias.items()},
+            "spearman_density_vs_detect_prob": bias_stats,
         },
         "verdict": verdict,
         "final_loss": float(np.mean(losses[-100:])) if losses else None,
