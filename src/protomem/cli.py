@@ -15,6 +15,7 @@ from protomem.audit import commands as audit_commands
 from protomem.diffusion import commands as diffusion_commands
 from protomem.errors import ProtomemError
 from protomem.grammar.commands import app as grammar_app
+from protomem.study import commands as study_commands
 from protomem.sweep.commands import app as sweep_app
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 app.add_typer(grammar_app, name="grammar")
 # Each package registers its commands below, one line each (keep this list in package order).
 diffusion_commands.register(app)
+study_commands.register(app)
 audit_commands.register(app)
 app.add_typer(sweep_app, name="sweep")
 

@@ -184,7 +184,8 @@ def analyze_condition(
             baseline, expected, total, shape, analysis.n_null_draws, analysis.min_excess, rng
         )
 
-    score_names = [c for c in scores if c != "logprob"] + ["logprob"]
+    # Scores constant over the training set (e.g. whole-string duplicates of distinct strings) say nothing.
+    score_names = [c for c in [*scores] if np.nanstd(np.asarray(scores[c], float)) > 0]
     correlations: dict[str, Any] = {}
     null_columns: dict[str, list] = {"score": [], "null": [], "draw": [], "rho": []}
     early = stats.earliness(first_index)
@@ -240,7 +241,10 @@ def analyze_condition(
             "consistent": bool(np.sign(np.nan_to_num(rho_finer)) == np.sign(np.nan_to_num(rho_train))),
         }
 
-    primary = correlations[analysis.primary_score]
+    nan = float("nan")
+    primary = correlations.get(
+        analysis.primary_score, {"rho": nan, "ci_low": nan, "ci_high": nan, "p_permutation": nan}
+    )
     summary = {
         "name": config.name,
         "grammar": {

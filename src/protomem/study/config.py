@@ -124,6 +124,13 @@ class ConditionConfig(_Section):
         check_parameters(g.vocab_size, g.n_classes, g.rules_per_symbol, g.branching, g.depth)
         if g.zipf_levels is not None and any(not 0 <= lv < g.depth for lv in g.zipf_levels):
             raise ValueError(f"grammar.zipf_levels must lie in [0, {g.depth})")
+        scores = {"logprob", "rule_count_mean", "nn_hamming"} | {
+            f"{name}_l{level}"
+            for level in range(g.depth)
+            for name in ("block_count_same_pos", "block_count_any_pos", "rule_count")
+        }
+        if self.analysis.primary_score not in scores:
+            raise ValueError(f"analysis.primary_score must be one of {sorted(scores)}")
         if self.evaluation.eval_steps is not None:
             bad = [s for s in self.evaluation.eval_steps if not 1 <= s <= self.diffusion.steps]
             if bad:

@@ -217,7 +217,7 @@ def logistic_model(
     def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         if np.unique(y).size < 2:
             return np.full(x.shape[1], np.nan)
-        return LogisticRegression(C=10.0, max_iter=500).fit(x, y).coef_[0]
+        return LogisticRegression(C=10.0, solver="newton-cholesky", max_iter=100).fit(x, y).coef_[0]
 
     coef = fit(design, outcome)
     rng = np.random.default_rng(seed)

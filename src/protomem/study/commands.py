@@ -1,0 +1,89 @@
+"""``protomem study`` (the whole experiment) and ``protomem report RUN_DIR`` (rebuild its report)."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from protomem.errors import ProtomemError
+
+console = Console(stderr=True)
+
+
+class Preset(StrEnum):
+    quick = "quick"
+    default = "default"
+    paper = "paper"
+
+
+class Modality(StrEnum):
+    strings = "strings"
+    images = "images"
+
+
+def study(
+    preset: Preset = typer.Option(
+        Preset.default, "--preset", help="quick (<1 min), default (<=5 min), paper (hours)."
+    ),
+    out: Path = typer.Option(None, "--out", help="Run directory (default: runs/study-<UTC timestamp>)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the killed study in this run directory."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing, non-empty --out directory."
+    ),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="Torch threads (default: probe 1 vs all cores)."
+    ),
+    modality: Modality = typer.Option(Modality.strings, "--modality", help="strings (RHM) or images."),
+) -> None:
+    """Run the memorization study end to end: train, detect copies, relate them to prototypicality, report."""
+    if resume is not None and out is not None and Path(out) != Path(resume):
+        raise ProtomemError("give either --out or --resume, not both")
+    run_dir = Path(resume) if resume is not None else out
+    if run_dir is None:
+        run_dir = Path("runs") / time.strftime("study-%Y%m%d-%H%M%S", time.gmtime())
+    if modality == Modality.images:
+        from protomem.study.images import run_image_study
+
+        path = run_image_study(
+            run_dir,
+            preset=preset.value,
+            overwrite=overwrite,
+            resume=resume is not None,
+            progress=True,
+            threads=threads,
+        )
+        console.print(f"report: {Path(path) / 'report.html' if Path(path).is_dir() else path}")
+        typer.echo(str(Path(path) / "report.html" if Path(path).is_dir() else path))
+        return
+    from protomem.study.runner import run_study, summary_paragraph
+
+    path = run_study(
+        run_dir,
+        preset=preset.value,
+        resume=resume is not None,
+        overwrite=overwrite,
+        progress=True,
+        threads=threads,
+    )
+    console.print(summary_paragraph(path), highlight=False)
+    typer.echo(str(path / "report.html"))
+
+
+def report(
+    run_dir: Path = typer.Argument(..., help="A study run directory or one condition's directory."),
+) -> None:
+    """Rebuild report.html of a study run from its tables alone."""
+    from protomem.study.report import render_report
+
+    path = render_report(run_dir)
+    typer.echo(str(path))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``study`` and ``report`` as top-level commands of the protomem app."""
+    app.command("study")(study)
+    app.command("report")(report)

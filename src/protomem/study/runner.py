@@ -1,0 +1,197 @@
+"""The whole study: every condition of a preset, then a pooled verdict and the study report.
+
+Layout of a study directory::
+
+    study.json               preset, conditions, threads, load average, pooled numbers, verdict, status
+    conditions/<name>/       one run_condition directory per condition
+    report.html              pooled verdict, per-condition table, forest plot, survival curves, links
+
+The pooled statistic of a group of conditions is the mean of their Spearman rho (primary score vs
+earliness of first memorization); its null distribution averages draw r of every condition's Monte Carlo
+null (the draws are independent across conditions), and the p-value is the upper tail fraction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from protomem.errors import ProtomemError
+from protomem.io import write_json_atomic
+from protomem.study import stats
+from protomem.study.config import ConditionConfig, apply_overrides
+from protomem.study.pipeline import is_complete, read_summary, run_condition
+from protomem.study.presets import get_preset
+from protomem.study.report import STUDY_FILE, render_study_report
+
+
+def _groups(conditions: list[ConditionConfig]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {"all conditions": [c.name for c in conditions]}
+    by_size = {}
+    for c in conditions:
+        g = c.grammar
+        label = f"v={g.vocab_size}, m={g.rules_per_symbol}, L={g.depth}"
+        by_size.setdefault(label, []).append(c.name)
+    if len(by_size) > 1:
+        groups.update({f"grammar {k}": v for k, v in by_size.items()})
+    zipf = [c.name for c in conditions if c.grammar.zipf_exponent > 0]
+    uniform = [c.name for c in conditions if c.grammar.zipf_exponent == 0]
+    if zipf and uniform:
+        groups["Zipf rules"] = zipf
+        groups["uniform rules"] = uniform
+    return groups
+
+
+def pooled_statistics(study_dir: Path, names: list[str], score: str) -> dict[str, float]:
+    """Mean rho over the named conditions and its Monte Carlo p against each pooled null."""
+    rhos, draws = [], {"grammar": [], "calibrated": []}
+    for name in names:
+        condition_dir = study_dir / "conditions" / name
+        summary = read_summary(condition_dir) or {}
+        rhos.append(summary.get("correlations", {}).get(score, {}).get("rho", np.nan))
+        nulls = pd.read_parquet(condition_dir / "nulls.parquet")
+        for null in draws:
+            part = nulls[(nulls["score"] == score) & (nulls["null"] == null)].sort_values("draw")
+            draws[null].append(part["rho"].to_numpy())
+    out: dict[str, float] = {
+        "rho": float(np.nanmean(rhos)) if rhos else float("nan"),
+        "n_conditions": len(names),
+    }
+    for null, arrays in draws.items():
+        length = min((len(a) for a in arrays), default=0)
+        if length == 0:
+            out[f"null_mean_{null}"], out[f"p_{null}"] = float("nan"), float("nan")
+            continue
+        pooled = np.nanmean(np.stack([a[:length] for a in arrays]), axis=0)
+        out[f"null_mean_{null}"] = float(np.nanmean(pooled))
+        out[f"p_{null}"] = stats.tail_p(out["rho"], pooled)
+    return out
+
+
+def study_verdict(pooled: dict[str, dict[str, float]], score: str, alpha: float) -> str:
+    """One sentence with the pooled numbers (and the confound-free large-grammar group when present)."""
+    main = pooled["all conditions"]
+    numbers = (
+        f"mean Spearman rho({score}, earliness of first memorization) over {main['n_conditions']} conditions "
+        f"= {main['rho']:+.2f}, Monte Carlo p = {main['p_calibrated']:.3g} against the calibrated null "
+        f"(null mean {main['null_mean_calibrated']:+.2f}) and p = {main['p_grammar']:.3g} "
+        "against the grammar null"
+    )
+    if np.isnan(main["rho"]):
+        return f"The study could not measure the effect ({numbers})."
+    if main["p_calibrated"] < alpha and main["p_grammar"] < alpha:
+        return f"Prototypical strings are memorized first: {numbers}."
+    return (
+        f"The data do not support that prototypical strings are memorized first beyond the nulls: {numbers}."
+    )
+
+
+def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ProtomemError("exists and is not a directory", path=out_dir)
+    non_empty = out_dir.is_dir() and any(out_dir.iterdir())
+    if resume:
+        if not (out_dir / STUDY_FILE).is_file():
+            raise ProtomemError("nothing to resume: not a study run directory (no study.json)", path=out_dir)
+        doc = json.loads((out_dir / STUDY_FILE).read_text())
+        return doc
+    if non_empty and not overwrite:
+        raise ProtomemError(
+            "run directory exists and is not empty (pass --resume to continue it or --overwrite)",
+            path=out_dir,
+        )
+    if non_empty:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def run_study(
+    out_dir: str | Path,
+    *,
+    preset: str = "default",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    threads: int | None = None,
+) -> Path:
+    """Run every condition of ``preset`` into ``out_dir/conditions/`` and write the pooled verdict and report.
+
+    Args:
+        resume: continue a killed study (finished conditions are kept, the running one resumes).
+        overwrite: replace a non-empty ``out_dir``.
+        threads: torch threads for every condition; None = probe once (first condition) and reuse.
+    """
+    out_dir = Path(out_dir)
+    saved = _prepare(out_dir, preset, resume, overwrite)
+    if saved is not None:
+        preset = saved["preset"]
+        threads = threads or saved.get("threads")
+    conditions = get_preset(preset).conditions
+    clock = time.perf_counter()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    doc: dict[str, Any] = {
+        "preset": preset,
+        "conditions": [c.name for c in conditions],
+        "primary_score": conditions[0].analysis.primary_score,
+        "alpha": conditions[0].analysis.alpha,
+        "threads": threads,
+        "threads_source": "flag" if threads else "probe",
+        "load_average": [round(x, 2) for x in load],
+        "status": "running",
+        "seconds_before": float((saved or {}).get("seconds", 0.0)),
+    }
+    write_json_atomic(out_dir / STUDY_FILE, doc)
+    for index, condition in enumerate(conditions):
+        condition_dir = out_dir / "conditions" / condition.name
+        if threads is not None:
+            condition = apply_overrides(condition, {"diffusion.threads": int(threads)})
+        if progress:
+            from rich.console import Console
+
+            Console(stderr=True).rule(f"condition {index + 1}/{len(conditions)}: {condition.name}")
+        run_condition(condition, condition_dir, resume=is_complete(condition_dir) or condition_dir.exists())
+        if threads is None:
+            threads = int((read_summary(condition_dir) or {}).get("threads") or 1)
+            doc["threads"] = threads
+            write_json_atomic(out_dir / STUDY_FILE, doc)
+    groups = _groups(conditions)
+    pooled = {
+        name: pooled_statistics(out_dir, members, doc["primary_score"]) for name, members in groups.items()
+    }
+    doc["pooled_groups"] = pooled
+    doc["pooled"] = pooled["all conditions"]
+    doc["verdict"] = study_verdict(pooled, doc["primary_score"], doc["alpha"])
+    doc["seconds"] = doc.pop("seconds_before") + time.perf_counter() - clock
+    write_json_atomic(out_dir / STUDY_FILE, doc)
+    render_study_report(out_dir)
+    doc["status"] = "complete"
+    write_json_atomic(out_dir / STUDY_FILE, doc)
+    return out_dir
+
+
+def summary_paragraph(study_dir: Path) -> str:
+    """The one-paragraph summary printed at the end of ``protomem study``."""
+    doc = json.loads((Path(study_dir) / STUDY_FILE).read_text())
+    parts = [
+        f"Study ({doc['preset']} preset, {len(doc['conditions'])} conditions, {doc['seconds']:.0f} s, "
+        f"{doc['threads']} torch thread(s)). {doc['verdict']}"
+    ]
+    for name in doc["conditions"]:
+        summary = read_summary(Path(study_dir) / "conditions" / name) or {}
+        primary = summary.get("primary", {})
+        parts.append(
+            f"{name}: rho = {primary.get('rho', float('nan')):+.2f} "
+            f"(p_cal = {primary.get('p_calibrated', float('nan')):.2g}), "
+            f"{summary.get('frac_memorized_final', float('nan')):.0%} of training strings memorized, "
+            f"training mass {summary.get('train_mass', float('nan')):.2g}."
+        )
+    parts.append(f"Report: {Path(study_dir) / 'report.html'}")
+    return " ".join(parts)
