@@ -43,6 +43,26 @@ def test_grid_is_a_cartesian_product_plus_listed_points_without_duplicates():
     assert spec.name == "s"
 
 
+def test_grid_groups_vary_several_keys_together():
+    spec = spec_from_dict(
+        {
+            "grid": {
+                "data.n_train": [32, 64],
+                "seeds": [{"grammar.seed": 0, "data.seed": 10}, {"grammar.seed": 1, "data.seed": 11}],
+            }
+        }
+    )
+    params = [p.params for p in expand_points(spec)]
+    assert len(params) == 4
+    assert {"data.n_train": 64, "grammar.seed": 1, "data.seed": 11} in params
+    assert all(p["data.seed"] == p["grammar.seed"] + 10 for p in params)
+    clash = spec_from_dict({"grid": {"data.seed": [1], "seeds": [{"data.seed": 2}]}})
+    with pytest.raises(ProtomemError, match="sets 'data.seed' twice"):
+        expand_points(clash)
+    with pytest.raises(ProtomemError, match="not a dotted config key"):
+        spec_from_dict({"grid": {"seeds": [{"bad key": 1}]}})
+
+
 def test_point_names_depend_only_on_the_parameters():
     a = point_name({"data.n_train": 64, "seed": 1})
     assert a == point_name({"seed": 1, "data.n_train": 64})

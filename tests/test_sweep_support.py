@@ -66,7 +66,11 @@ def fake_run_condition(
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
         raise ProtomemError("run directory exists", path=out_dir)
+    if out_dir.is_dir() and overwrite and not resume:
+        for path in out_dir.iterdir():
+            path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config.model_dump_json())  # like the study: written after setup
     state_path = out_dir / "state.json"
     state = json.loads(state_path.read_text()) if resume and state_path.exists() else {"done": 0, "starts": 0}
     state["starts"] += 1

@@ -41,7 +41,7 @@ app = typer.Typer(
 )
 
 MEM_HELP = "τ_mem threshold: fraction of samples that are exact training copies (default 0.1)."
-GEN_HELP = "τ_gen threshold: fraction of samples that are novel valid strings (default 0.5)."
+GEN_HELP = "τ_gen threshold: fraction of samples that are novel valid strings (default 0.1)."
 
 
 @app.command("run")

@@ -90,7 +90,7 @@ def _column_value(value: Any) -> Any:
 
 
 def flatten_scalars(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Scalar leaves of a nested dict with keys joined by '_' (lists and strings over 200 chars skipped)."""
+    """Scalar leaves of a nested dict with keys joined by '_' (lists and strings over 2000 chars skipped)."""
     flat: dict[str, Any] = {}
     for key, value in doc.items():
         name = f"{prefix}{key}"
@@ -99,7 +99,7 @@ def flatten_scalars(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif (
             value is None
             or isinstance(value, (bool, int, float))
-            or (isinstance(value, str) and len(value) <= 200)
+            or (isinstance(value, str) and len(value) <= 2000)
         ):
             flat[name] = value
     return flat

@@ -21,7 +21,7 @@ import numpy as np
 MEM_COLUMN = "frac_exact_copy"
 GEN_COLUMN = "frac_novel_valid"
 DEFAULT_MEM_THRESHOLD = 0.1
-DEFAULT_GEN_THRESHOLD = 0.5
+DEFAULT_GEN_THRESHOLD = 0.1
 
 
 def onset_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> float:

@@ -39,6 +39,7 @@ from protomem.sweep.onsets import (
 # Per-point memorization–prototypicality correlation: the first summary column found (the study's own
 # statistic), with its interval columns when present.
 CORRELATION_COLUMNS: tuple[tuple[str, str | None, str | None], ...] = (
+    ("primary_rho", "primary_ci_low", "primary_ci_high"),
     ("rho", "rho_ci_low", "rho_ci_high"),
     ("spearman_rho", "spearman_ci_low", "spearman_ci_high"),
 )

@@ -74,6 +74,8 @@ def run_point(
 ) -> dict[str, Any]:
     """Run (or resume) one point; executed inside a Ray worker with one CPU.
 
+    A run directory holding ``config.yaml`` (written by the study once the setup is done) is resumed;
+    a non-empty one without it was killed during setup and is started afresh (nothing finished is in it).
     Logs the attempt's start (pid, whether it resumes) and its end or error to ``attempts_path``.
     Returns {"seconds": wall time of this attempt, "resumed": bool}.
     """
@@ -85,12 +87,13 @@ def run_point(
     if runner is None:
         from protomem.study.pipeline import run_condition as runner
     path = Path(run_dir)
-    resume = has_started(path)
+    resume = (path / "config.yaml").is_file()
+    restart = not resume and has_started(path)
     log = Path(attempts_path)
-    append_attempt(log, "start", attempt=attempt, resume=resume)
+    append_attempt(log, "start", attempt=attempt, resume=resume, restart_after_setup=restart)
     start = time.perf_counter()
     try:
-        runner(config, path, resume=resume, progress=False)
+        runner(config, path, resume=resume, overwrite=restart, progress=False)
     except BaseException as exc:
         append_attempt(
             log,

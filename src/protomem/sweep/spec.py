@@ -11,7 +11,9 @@ A sweep file (YAML)::
         train.steps: 4000
     grid:                         # cartesian product of the listed values;
       data.n_train: [32, 64, 128] # a list of such mappings = the union of their products
-      seed: [0, 1]
+      seeds:                      # a group: keys that vary together (values are mappings)
+        - {grammar.seed: 0, data.seed: 1000, diffusion.seed: 0}
+        - {grammar.seed: 1, data.seed: 1001, diffusion.seed: 1}
     points:                       # explicit points, added to the grid's
       - {grammar.zipf_exponent: 0.0}
     retries: 2                    # optional default for --retries
@@ -79,6 +81,10 @@ class SweepSpec(BaseModel):
                 _check_key(key)
                 if not values:
                     raise ValueError(f"grid key {key!r} has no values")
+                if _is_group(values):
+                    for value in values:
+                        for inner in value:
+                            _check_key(inner)
         return grid
 
     @field_validator("points")
@@ -104,6 +110,11 @@ class SweepPoint:
 
     name: str
     params: dict[str, Any]
+
+
+def _is_group(values: list[Any]) -> bool:
+    """A grid entry whose values are all mappings: its key is a label, the mappings' keys vary together."""
+    return bool(values) and all(isinstance(v, dict) for v in values)
 
 
 def _check_key(key: str) -> None:
@@ -203,6 +214,7 @@ def point_name(params: dict[str, Any]) -> str:
 def expand_points(spec: SweepSpec) -> list[SweepPoint]:
     """Every point of the sweep in file order (grid products first, then the listed points).
 
+    A group entry of the grid (values that are mappings) contributes its mappings' keys, not its label.
     Points with identical parameters are kept once. Without a grid and points the sweep has one point:
     the base condition.
     """
@@ -212,7 +224,14 @@ def expand_points(spec: SweepSpec) -> list[SweepPoint]:
             continue
         keys = list(grid)
         for values in itertools.product(*(grid[key] for key in keys)):
-            params_list.append(dict(zip(keys, values, strict=True)))
+            params: dict[str, Any] = {}
+            for key, value in zip(keys, values, strict=True):
+                group = value if _is_group(grid[key]) else {key: value}
+                for inner, inner_value in group.items():
+                    if inner in params:
+                        raise ProtomemError(f"grid sets {inner!r} twice (in {key!r} and before it)")
+                    params[inner] = inner_value
+            params_list.append(params)
     params_list.extend(dict(point) for point in spec.points)
     if not params_list:
         params_list = [{}]
