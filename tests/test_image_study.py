@@ -69,6 +69,14 @@ def test_first_memorized_by_hand() -> None:
     assert first[:2].tolist() == [20.0, 40.0] and np.isnan(first[2])
 
 
+def test_detector_bias_of_a_uniform_copier() -> None:
+    digits, *_ = load_digit_subset(20, seed=0)
+    exact = image_study.detector_bias(digits, sigma=0.0, seed=0, replicates=2)
+    assert (exact["ratio"] == 1).all() and (exact["l2"] == 1).all()  # noiseless copies: always flagged
+    heavy = image_study.detector_bias(digits, sigma=0.5, seed=0, replicates=2)
+    assert heavy["l2"].max() == 0  # clipped noise of RMS far above the 0.05 threshold: never flagged
+
+
 def test_quick_study_tables_agree_and_report_renders(tmp_path: Path) -> None:
     run = run_image_study(tmp_path / "run", preset="quick", progress=False, threads=1)
     summary = json.loads((run / "summary.json").read_text())
@@ -91,7 +99,7 @@ def test_quick_study_tables_agree_and_report_renders(tmp_path: Path) -> None:
     require_chromium()
     page = render_report(run / "report.html", tmp_path / "shot.png")
     assert page["images"] >= 4 and page["images_loaded"] == page["images"]
-    assert "Null: a perfect generalizer" in page["text"]
+    assert "Null: a perfect generalizer" in page["text"] and "uniform copier" in page["text"]
 
 
 @pytest.mark.slow
