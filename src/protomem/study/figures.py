@@ -197,25 +197,18 @@ def logistic_figure(coefficients: dict[str, dict[str, float]]) -> plt.Figure:
     return fig
 
 
-def tree_figure(grammar: Any, tokens: np.ndarray, title: str) -> plt.Figure:
-    """The derivation tree of one string: symbols at internal nodes, tokens at the leaves."""
+def _draw_tree(ax: Any, grammar: Any, tokens: np.ndarray, title: str) -> None:
+    """The derivation tree of one string on ``ax``: symbols at internal nodes ("?" = does not reduce)."""
     from protomem.grammar import parse
 
     result = parse(grammar, np.asarray(tokens)[None, :])
     s, depth = grammar.branching, grammar.depth
     n_leaves = s**depth
-    fig, ax = plt.subplots(figsize=(max(3.2, 0.32 * n_leaves + 1), 2.4))
     xs_children = np.arange(n_leaves, dtype=float)
+    leaf_box = {"boxstyle": "round,pad=0.2", "fc": "#fdebd0", "ec": "#aaa"}
+    node_box = {"boxstyle": "circle,pad=0.2", "fc": "#d6eaf8", "ec": "#888"}
     for i, token in enumerate(tokens):
-        ax.text(
-            xs_children[i],
-            0,
-            str(int(token)),
-            ha="center",
-            va="center",
-            fontsize=8,
-            bbox={"boxstyle": "round,pad=0.2", "fc": "#fdebd0", "ec": "#aaa"},
-        )
+        ax.text(xs_children[i], 0, str(int(token)), ha="center", va="center", fontsize=7, bbox=leaf_box)
     for level in range(depth - 1, -1, -1):
         xs = xs_children.reshape(-1, s).mean(axis=1)
         y = depth - level
@@ -223,20 +216,26 @@ def tree_figure(grammar: Any, tokens: np.ndarray, title: str) -> plt.Figure:
             for c in range(s):
                 ax.plot([x, xs_children[j * s + c]], [y - 0.15, y - 0.85], color="#bbb", lw=0.8)
             symbol = int(result.symbols[level][0, j])
-            ax.text(
-                x,
-                y,
-                str(symbol) if symbol >= 0 else "?",
-                ha="center",
-                va="center",
-                fontsize=8,
-                bbox={"boxstyle": "circle,pad=0.2", "fc": "#d6eaf8", "ec": "#888"},
-            )
+            label = str(symbol) if symbol >= 0 else "?"
+            ax.text(x, y, label, ha="center", va="center", fontsize=7, bbox=node_box)
         xs_children = xs
     ax.set_xlim(-0.8, n_leaves - 0.2)
     ax.set_ylim(-0.6, depth + 0.6)
     ax.axis("off")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=7)
+
+
+def trees_figure(grammar: Any, strings: list[tuple[np.ndarray, str]]) -> plt.Figure:
+    """Derivation trees of several strings (tokens, title), two per row."""
+    cols = 2
+    rows = int(np.ceil(len(strings) / cols))
+    width = max(3.2, 0.3 * grammar.branching**grammar.depth + 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * width, 2.5 * rows), squeeze=False)
+    for ax, (tokens, title) in zip(axes.ravel(), strings, strict=False):
+        _draw_tree(ax, grammar, tokens, title)
+    for ax in axes.ravel()[len(strings) :]:
+        ax.axis("off")
+    fig.tight_layout()
     return fig
 
 

@@ -168,9 +168,9 @@ def run_condition(
     from protomem.diffusion import train
 
     out_dir = Path(out_dir)
+    _prepare_dir(config, out_dir, resume, overwrite)
     if resume and is_complete(out_dir):
         return out_dir
-    _prepare_dir(config, out_dir, resume, overwrite)
     say = _stage_printer(progress, config.name)
     clock = time.perf_counter()
     timings: dict[str, float] = {}

@@ -67,7 +67,10 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
     s, depth = grammar.branching, grammar.depth
     primary = summary["primary_score"]
     correlations = summary["correlations"]
-    score_names = [n for n in correlations]
+    # the scores a reader compares: likelihood, rule and block frequencies, nearest-neighbour distance
+    wanted = ["logprob", "rule_count_mean", f"rule_count_l{depth - 1}", "nn_hamming"]
+    wanted += [f"block_count_same_pos_l{lv}" for lv in range(1, depth)]
+    score_names = [n for n in dict.fromkeys([primary, *wanted]) if n in correlations]
 
     figs = {
         "loss": figure_img(figures.loss_figure(train_log, metrics), "training loss"),
@@ -97,18 +100,21 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
     ranked = per_example.assign(
         _first=per_example["first_memorized_index"], _excess=-per_example["excess_final"]
     ).sort_values(["_first", "_excess", "index"])
-    trees = []
-    for label, rows in (("most memorized", ranked.head(3)), ("least memorized", ranked.tail(3).iloc[::-1])):
+    most, least = [], []
+    for target, rows in ((most, ranked.head(3)), (least, ranked.tail(3).iloc[::-1])):
         for _, row in rows.iterrows():
             step = int(row["first_memorized_step"])
             title = (
-                f"{label}: training string {int(row['index'])}; first memorized "
-                f"{'never' if step < 0 else f'at step {step}'}; copies {int(row['copies_final'])} "
-                f"(K p(x) = {row['expected_copies']:.2g})\n{primary} = {row[primary]:.3g}, "
-                f"log p = {row['logprob']:.2f}, nn Hamming = {int(row['nn_hamming'])}"
+                f"string {int(row['index'])}: first memorized {'never' if step < 0 else f'at step {step}'}; "
+                f"copies {int(row['copies_final'])} (K p(x) = {row['expected_copies']:.2g})\n"
+                f"{primary} = {row[primary]:.3g}, log p = {row['logprob']:.2f}, "
+                f"nn Hamming = {int(row['nn_hamming'])}"
             )
-            trees.append(figure_img(figures.tree_figure(grammar, np.asarray(row["tokens"]), title), title))
-
+            target.append((np.asarray(row["tokens"]), title))
+    trees = [
+        figure_img(figures.trees_figure(grammar, most), "the most memorized training strings", dpi=80),
+        figure_img(figures.trees_figure(grammar, least), "the least memorized training strings", dpi=80),
+    ]
     level_rows = [
         {
             "label": f"level {lv} ({s ** (depth - lv)}-token blocks)",

@@ -134,14 +134,15 @@ def simulate_first_index(
     excess = np.clip(total_copies - baseline.sum(axis=0), 0.0, None)  # (T,)
     out = np.empty((n_draws, n_train), dtype=np.int64)
     threshold = np.round(expected)[:, None] + min_excess
-    for draw in range(n_draws):
-        propensity = rng.gamma(shape, 1.0 / shape, size=n_train)
-        propensity *= n_train / max(propensity.sum(), 1e-12)  # the excess is exactly redistributed
-        rate = baseline + propensity[:, None] * excess[None, :] / n_train
-        copies = rng.poisson(rate)
-        mask = copies >= threshold
-        ever = mask.any(axis=1)
-        out[draw] = np.where(ever, mask.argmax(axis=1), n_checkpoints)
+    chunk = max(1, (1 << 20) // max(n_train * n_checkpoints, 1))
+    for start in range(0, n_draws, chunk):
+        count = min(chunk, n_draws - start)
+        propensity = rng.gamma(shape, 1.0 / shape, size=(count, n_train))
+        # the excess is exactly redistributed over the strings
+        propensity *= n_train / np.maximum(propensity.sum(axis=1, keepdims=True), 1e-12)
+        rate = baseline[None] + propensity[:, :, None] * excess[None, None, :] / n_train  # (D, P, T)
+        mask = rng.poisson(rate) >= threshold[None]
+        out[start : start + count] = np.where(mask.any(axis=2), mask.argmax(axis=2), n_checkpoints)
     return out
 
 

@@ -1,0 +1,253 @@
+"""The study pipeline on real (tiny) training runs: tables against each other and against the grammar,
+resume after a kill, refusing to overwrite, the report in headless Chromium, the quick preset end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from protomem.errors import ProtomemError
+from protomem.grammar import load_grammar, parse
+from protomem.io import read_strings
+from protomem.study.config import apply_overrides
+from protomem.study.pipeline import run_condition
+from protomem.study.presets import get_preset
+from tests.browser import render_report, require_chromium
+
+TINY = {
+    "data.n_train": 32,
+    "diffusion.steps": 160,
+    "diffusion.threads": 1,
+    "diffusion.sampling_steps": 16,
+    "evaluation.eval_steps": [20, 40, 80, 160],
+    "evaluation.n_samples": 128,
+    "evaluation.finer_sampling_steps": 32,
+    "analysis.n_null_draws": 40,
+    "analysis.n_bootstrap": 40,
+    "analysis.n_permutations": 40,
+    "analysis.calibration_samples": 500,
+}
+
+
+def tiny_condition():
+    return apply_overrides(get_preset("quick").conditions[0], TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    run_condition(tiny_condition(), out, progress=False)
+    return out
+
+
+def _samples(run: Path, sampler: str = "train") -> pd.DataFrame:
+    table = pd.read_parquet(run / "samples.parquet")
+    return table[table["sampler"] == sampler].reset_index(drop=True)
+
+
+def test_run_directory_has_every_output(tiny_run):
+    for name in (
+        "config.yaml",
+        "grammar.json",
+        "train.parquet",
+        "metrics.parquet",
+        "samples.parquet",
+        "per_example.parquet",
+        "slop.parquet",
+        "summary.json",
+        "report.html",
+    ):
+        assert (tiny_run / name).is_file(), name
+    assert list((tiny_run / "train" / "checkpoints").glob("step_*"))
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["steps"] == [20, 40, 80, 160]
+    doc = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert doc["versions"]["torch"] == torch.__version__
+    assert set(doc["seeds"]) == {"grammar", "data", "model", "analysis"}
+
+
+def test_copies_and_novel_samples_agree_with_the_training_set(tiny_run):
+    grammar = load_grammar(tiny_run / "grammar.json")
+    train = read_strings(tiny_run / "train.parquet").tokens
+    samples = _samples(tiny_run)
+    tokens = np.array(samples["tokens"].tolist())
+    copies = samples["status"] == "copy"
+    assert (tokens[copies] == train[samples["copy_index"][copies]]).all()
+    train_set = {tuple(t) for t in train.tolist()}
+    novel = samples["status"] == "novel_valid"
+    assert not any(tuple(t) in train_set for t in tokens[novel])
+    parsed = parse(grammar, tokens)
+    assert (parsed.valid == (samples["status"] != "invalid")).all()
+    invalid = ~parsed.valid
+    assert (samples["failing_level"][invalid] == parsed.deepest_valid_level[invalid] - 1).all()
+    # Hamming distance to the nearest training string, recomputed by brute force
+    distances = (tokens[:, None, :] != train[None, :, :]).sum(axis=2).min(axis=1)
+    assert (samples["nn_hamming"] == distances).all()
+
+
+def test_metrics_recomputed_from_samples(tiny_run):
+    grammar = load_grammar(tiny_run / "grammar.json")
+    samples = _samples(tiny_run)
+    metrics = pd.read_parquet(tiny_run / "metrics.parquet")
+    assert metrics["step"].tolist() == sorted(samples["step"].unique())
+    for _, row in metrics.iterrows():
+        part = samples[samples["step"] == row["step"]]
+        assert row["frac_exact_copy"] == pytest.approx((part["status"] == "copy").mean())
+        assert row["frac_novel_valid"] == pytest.approx((part["status"] == "novel_valid").mean())
+        assert row["frac_invalid"] == pytest.approx((part["status"] == "invalid").mean())
+        for level in range(grammar.depth):
+            copied = np.array(part[f"copied_l{level}"].tolist(), dtype=bool)
+            assert copied.shape == (len(part), grammar.branching**level)
+            assert row[f"frac_block_copy_l{level}"] == pytest.approx(copied.mean())
+        assert row["frac_block_copy_l0"] == pytest.approx(row["frac_exact_copy"])
+
+
+def test_per_example_tracking_agrees_with_samples(tiny_run):
+    per_example = pd.read_parquet(tiny_run / "per_example.parquet")
+    samples = _samples(tiny_run)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    steps = summary["steps"]
+    copies = np.array(per_example["copies"].tolist())
+    for t, step in enumerate(steps):
+        index = samples.loc[samples["step"] == step, "copy_index"].to_numpy()
+        assert (copies[:, t] == np.bincount(index[index >= 0], minlength=len(per_example))).all()
+    k = summary["n_samples"]
+    assert per_example["expected_copies"].to_numpy() == pytest.approx(k * np.exp(per_example["logprob"]))
+    threshold = np.round(per_example["expected_copies"].to_numpy())[:, None] + summary["min_excess"]
+    memorized = copies >= threshold
+    first = np.where(memorized.any(axis=1), memorized.argmax(axis=1), len(steps))
+    assert (per_example["first_memorized_index"] == first).all()
+    assert summary["train_mass"] == pytest.approx(np.exp(per_example["logprob"]).sum())
+
+
+def test_refuses_to_overwrite_and_resumes_a_complete_run(tiny_run, tmp_path):
+    with pytest.raises(ProtomemError, match="--overwrite"):
+        run_condition(tiny_condition(), tiny_run, progress=False)
+    before = (tiny_run / "summary.json").stat().st_mtime_ns
+    run_condition(tiny_condition(), tiny_run, resume=True, progress=False)
+    assert (tiny_run / "summary.json").stat().st_mtime_ns == before
+    other = apply_overrides(tiny_condition(), {"diffusion.lr": 1e-3})
+    with pytest.raises(ProtomemError, match="different condition"):
+        run_condition(other, tiny_run, resume=True, progress=False)
+
+
+def test_cli_errors_are_one_line(tiny_run):
+    result = subprocess.run(
+        [sys.executable, "-m", "protomem.cli", "study", "--preset", "quick", "--out", str(tiny_run)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "protomem.cli", "report", str(tiny_run / "nowhere")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "no such run directory" in result.stderr
+
+
+def test_report_rebuilt_from_tables_renders_every_figure(tiny_run, tmp_path):
+    require_chromium()
+    (tiny_run / "report.html").unlink()
+    for checkpoint in (tiny_run / "train" / "checkpoints").glob("step_*"):
+        assert checkpoint.is_dir()
+    result = subprocess.run(
+        [sys.executable, "-m", "protomem.cli", "report", str(tiny_run)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    seen = render_report(tiny_run / "report.html", tmp_path / "report.png")
+    assert seen["images"] >= 11
+    assert seen["images_loaded"] == seen["images"]
+    assert "memorized first" in seen["text"]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+KILL_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from tests.test_study_pipeline import tiny_condition
+from protomem.study.pipeline import run_condition
+run_condition(tiny_condition(), sys.argv[1], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tiny_run, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(out)], env=env)
+    deadline = time.time() + 300
+    while not (out / "evals" / "step_00000040.parquet").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    with pytest.raises(ProtomemError, match="--resume"):
+        run_condition(tiny_condition(), out, progress=False)
+    run_condition(tiny_condition(), out, resume=True, progress=False)
+    resumed, reference = _samples(out), _samples(tiny_run)
+    assert resumed["tokens"].tolist() == reference["tokens"].tolist()
+    a = pd.read_parquet(out / "per_example.parquet")
+    b = pd.read_parquet(tiny_run / "per_example.parquet")
+    assert (a["first_memorized_index"] == b["first_memorized_index"]).all()
+
+
+@pytest.mark.slow
+def test_quick_preset_study_end_to_end(tmp_path):
+    require_chromium()
+    out = tmp_path / "study"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "protomem.cli",
+            "study",
+            "--preset",
+            "quick",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    elapsed = time.perf_counter() - started
+    assert result.stdout.strip().endswith("report.html")
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "complete" and study["threads"] == 1
+    assert "memorized first" in study["verdict"]
+    condition = out / "conditions" / study["conditions"][0]
+    summary = json.loads((condition / "summary.json").read_text())
+    assert summary["finer_sampler"]["sampling_steps"] > summary["sampling_steps"]
+    # the quick preset crosses into memorization
+    assert summary["final"]["frac_exact_copy"] > 0.1
+    seen = render_report(out / "report.html", tmp_path / "study.png")
+    assert seen["images"] >= 2 and seen["images_loaded"] == seen["images"]
+    seen = render_report(condition / "report.html", tmp_path / "condition.png")
+    assert seen["images"] >= 11 and seen["images_loaded"] == seen["images"]
+    # refuses to overwrite, then does with --overwrite
+    again = subprocess.run(
+        [sys.executable, "-m", "protomem.cli", "study", "--preset", "quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    print(f"quick preset wall time {elapsed:.1f} s, load average {os.getloadavg()}")

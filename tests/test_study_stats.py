@@ -1,0 +1,113 @@
+"""The study's statistics on synthetic data with known answers, and its config/presets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from protomem.errors import ProtomemError
+from protomem.study import stats
+from protomem.study.config import ConditionConfig, apply_overrides
+from protomem.study.presets import PRESETS, get_preset
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 60).astype(float)
+    y = x + rng.normal(0, 2, 60)
+    assert stats.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+
+
+def test_correlation_uncertainty_detects_a_planted_effect_and_not_noise():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    strong = stats.spearman_with_uncertainty(x, x + rng.normal(size=200), n_bootstrap=400, n_permutations=400)
+    assert strong.ci_low < strong.rho < strong.ci_high
+    assert strong.ci_low > 0.4 and strong.p_permutation < 0.01
+    noise = stats.spearman_with_uncertainty(x, rng.normal(size=200), n_bootstrap=400, n_permutations=400)
+    assert noise.ci_low < 0 < noise.ci_high and noise.p_permutation > 0.01
+
+
+def _simulated_run(rng, n_train=150, n_ckpt=6, effect=0.0):
+    """Copies from the same generative model as the null, optionally with propensity tied to a score."""
+    score = rng.normal(size=n_train)
+    logp = np.log(rng.uniform(1e-4, 4e-3, n_train))
+    expected = 400 * np.exp(logp)
+    propensity = rng.gamma(0.7, 1 / 0.7, n_train) * np.exp(effect * score)
+    propensity *= n_train / propensity.sum()
+    excess = np.linspace(20, 600, n_ckpt)
+    copies = rng.poisson(expected[:, None] + propensity[:, None] * excess[None, :] / n_train)
+    return score, expected, copies
+
+
+def _null_p(rng, score, expected, copies, draws=300):
+    baseline = np.repeat(expected[:, None], copies.shape[1], axis=1)
+    shape = stats.dispersion_shape(copies[:, -1], baseline[:, -1])
+    first = copies - np.round(expected)[:, None] >= 2
+    first_index = np.where(first.any(axis=1), first.argmax(axis=1), copies.shape[1])
+    observed = stats.spearman(score, stats.earliness(first_index))
+    null_first = stats.simulate_first_index(baseline, expected, copies.sum(axis=0), shape, draws, 2, rng)
+    return stats.tail_p(observed, stats.null_rhos(score, null_first))
+
+
+def test_monte_carlo_null_is_calibrated_without_effect_and_detects_one():
+    rng = np.random.default_rng(2)
+    p_null = np.array([_null_p(rng, *_simulated_run(rng), draws=200) for _ in range(24)])
+    # under the null p-values are about uniform: few below 0.05, mean near one half
+    assert (p_null < 0.05).mean() <= 0.2
+    assert 0.3 < p_null.mean() < 0.7
+    p_effect = [_null_p(rng, *_simulated_run(rng, effect=1.0), draws=200) for _ in range(5)]
+    assert max(p_effect) < 0.01
+
+
+def test_dispersion_shape_recovers_gamma_shape():
+    rng = np.random.default_rng(3)
+    rate = rng.gamma(0.5, 20.0, 20_000)  # mean 10, shape 0.5
+    copies = rng.poisson(rate)
+    assert stats.dispersion_shape(copies, np.zeros_like(rate)) == pytest.approx(0.5, rel=0.1)
+    assert stats.dispersion_shape(rng.poisson(10, 20_000), np.zeros(20_000)) > 20
+
+
+def test_calibration_factors_recover_a_known_sampling_ratio():
+    edges = np.array([-np.inf, -5.0, np.inf])
+    novel_mass = np.array([0.5, 0.5])
+    logprob = np.array([-6.0] * 100 + [-4.0] * 300 + [np.nan] * 600)
+    novel = ~np.isnan(logprob)
+    factors = stats.calibration_factors(logprob, novel, edges, novel_mass, 1000)
+    assert factors.tolist() == pytest.approx([0.2, 0.6])
+
+
+def test_logistic_model_finds_the_score_that_matters():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=400), rng.normal(size=400)
+    outcome = rng.random(400) < 1 / (1 + np.exp(-2 * a))
+    coef = stats.logistic_model({"a": a, "b": b}, outcome, n_bootstrap=50)
+    assert coef["a"]["ci_low"] > 1.0
+    assert coef["b"]["ci_low"] < 0 < coef["b"]["ci_high"]
+    assert stats.logistic_model({"a": a}, np.zeros(400, bool)) == {}
+
+
+def test_presets_validate_and_overrides_are_checked():
+    for name in PRESETS:
+        preset = get_preset(name)
+        assert preset.conditions and all(isinstance(c, ConditionConfig) for c in preset.conditions)
+        for condition in preset.conditions:
+            config = condition.diffusion_config()
+            assert config.eval_samples == condition.evaluation.n_samples
+            assert config.seq_len == condition.grammar.branching**condition.grammar.depth
+    names = [c.name for c in get_preset("default").conditions]
+    assert len(set(names)) == len(names)
+    assert {c.grammar.zipf_exponent for c in get_preset("default").conditions} == {0.0, 1.0}
+    base = get_preset("quick").conditions[0]
+    changed = apply_overrides(base, {"grammar.zipf_exponent": 0.5, "diffusion.threads": 1})
+    assert changed.grammar.zipf_exponent == 0.5 and changed.diffusion.threads == 1
+    assert base.grammar.zipf_exponent == 1.0
+    with pytest.raises(ProtomemError, match="diffusion.bogus"):
+        apply_overrides(base, {"diffusion.bogus": 1})
+    with pytest.raises(ProtomemError, match="lr"):
+        apply_overrides(base, {"diffusion.lr": -1.0})
+    with pytest.raises(ProtomemError, match="primary_score"):
+        apply_overrides(base, {"analysis.primary_score": "block_count_same_pos_l7"})
+    with pytest.raises(ProtomemError, match="unknown preset"):
+        get_preset("huge")
