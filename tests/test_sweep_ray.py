@@ -132,10 +132,9 @@ def test_a_point_that_keeps_failing_is_reported_and_the_rest_kept(tmp_path, monk
 # --- the real study ----------------------------------------------------------------------------------
 
 
-def ray_processes_of(session_pid: int) -> list[int]:
-    """PIDs still alive in the process group (session) started for the sweep."""
-    out = subprocess.run(["ps", "-o", "pid=", "-g", str(session_pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def evaluations(run_dir: Path) -> dict[str, int]:
+    """The study's per-evaluation records in a run directory: file name -> mtime (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in sorted((run_dir / "evals").glob("step_*.parquet"))}
 
 
 @pytest.mark.slow
@@ -160,8 +159,8 @@ def test_tiny_study_sweep_killed_midway_resumes_and_gathers_every_point_once(tmp
         "--no-report",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # 1) start the sweep; once some point has written a checkpoint but not finished, kill the whole sweep
-    #    (driver, Ray and its workers: the process group), as a power cut or `kill -9` would.
+    # 1) start the sweep; once some point has evaluated (and checkpointed) twice but not finished, kill the
+    #    whole sweep (driver, Ray and its workers: the process group), as a power cut or `kill -9` would.
     process = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -170,15 +169,15 @@ def test_tiny_study_sweep_killed_midway_resumes_and_gathers_every_point_once(tmp
     while victim is None and time.monotonic() < deadline and process.poll() is None:
         for point in points:
             run_dir = layout.run_dir(point.name)
-            checkpoints = list((run_dir / "checkpoints").glob("step_*")) if run_dir.is_dir() else []
-            if checkpoints and not is_complete(run_dir):
+            if len(evaluations(run_dir)) >= 2 and not is_complete(run_dir):
                 victim = point.name
                 break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert victim is not None, process.communicate()[0] if process.poll() is not None else "no checkpoint"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not is_complete(layout.run_dir(victim))
+    evaluated_before = evaluations(layout.run_dir(victim))
     finished_before = {p.name for p in points if is_complete(layout.run_dir(p.name))}
     summaries_before = {n: (layout.run_dir(n) / "summary.json").read_bytes() for n in finished_before}
 
@@ -190,6 +189,12 @@ def test_tiny_study_sweep_killed_midway_resumes_and_gathers_every_point_once(tmp
         assert (layout.run_dir(name) / "summary.json").read_bytes() == before  # not recomputed
     starts = [e for e in read_attempts(layout.attempts_path(victim)) if e["event"] == "start"]
     assert [s["resume"] for s in starts] == [False, True]
+    # the killed point resumed: evaluations finished before the kill were kept, not recomputed (the one
+    # in progress at the kill may be redone)
+    evaluated_after = evaluations(layout.run_dir(victim))
+    kept = [step for step, mtime in evaluated_before.items() if evaluated_after.get(step) == mtime]
+    assert len(kept) >= len(evaluated_before) - 1 >= 1
+    assert len(evaluated_after) == len(spec.base.overrides["evaluation.eval_steps"])
 
     con = duckdb.connect(str(layout.database), read_only=True)
     rows = con.execute("SELECT point, status, resumed FROM points").fetchall()
