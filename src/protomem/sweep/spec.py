@@ -41,7 +41,7 @@ from protomem.errors import ProtomemError
 
 # A dotted config key: identifiers separated by dots (e.g. "grammar.zipf_exponent").
 _KEY_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_MAX_NAME_CHARS = 80
+_MAX_NAME_CHARS = 150
 
 
 class BaseCondition(BaseModel):
