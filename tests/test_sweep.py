@@ -282,6 +282,15 @@ def test_sweep_file_argument_means_run(tmp_path):
     assert done.returncode == 2 and "bogus: unknown key" in done.stderr
     typo = run_cli("sweep", "reprot", str(tmp_path))
     assert typo.returncode != 0 and "No such command" in typo.stderr
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "sweeps" / "tiny.yaml"
+    plan = run_cli("sweep", str(tiny), "--dry-run", "--out", str(tmp_path / "tiny"))
+    assert plan.returncode == 0, plan.stderr
+    assert plan.stdout.count(" new ") + plan.stdout.count(" new\n") >= 1 and "4 points" in plan.stdout
+    assert not (tmp_path / "tiny").exists()  # nothing written
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("base: {preset: quick}\ngrid:\n  data.nope: [1, 2]\n")
+    done = run_cli("sweep", str(unknown), "--dry-run")
+    assert done.returncode == 2 and "data.nope" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
 def test_report_from_scaling_and_zipf_sweeps(tmp_path):

@@ -62,14 +62,20 @@ def run_command(
     gen_threshold: float = typer.Option(None, "--gen-threshold", help=GEN_HELP),
     report: bool = typer.Option(True, "--report/--no-report", help="Write SWEEP_DIR/report.html at the end."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate every point and list them with their state; run nothing."
+    ),
 ) -> None:
     """Run every point of SWEEP_FILE (re-running skips finished points and resumes interrupted ones)."""
     from protomem.sweep.runner import require_ray, run_sweep
     from protomem.sweep.spec import load_spec
 
     spec = load_spec(sweep_file)
-    require_ray()  # fail before any work when the extra is missing
     out_dir = out if out is not None else Path("runs") / "sweeps" / str(spec.name)
+    if dry_run:
+        _print_plan(spec, out_dir)
+        return
+    require_ray()  # fail before any work when the extra is missing
     result = run_sweep(
         spec,
         out_dir,
@@ -97,6 +103,29 @@ def run_command(
             "run the same command again to retry them"
         )
         raise typer.Exit(1)
+
+
+def _print_plan(spec, out_dir: Path) -> None:
+    """The points of ``spec``, their run directories and whether they are finished, started or new."""
+    from rich.console import Console as StdoutConsole
+    from rich.table import Table
+
+    from protomem.sweep.conditions import point_configs
+    from protomem.sweep.layout import SweepLayout, has_started, is_complete
+    from protomem.sweep.spec import expand_points
+
+    points = expand_points(spec)
+    point_configs(spec, points)  # validates every point
+    layout = SweepLayout(out_dir)
+    table = Table(title=f"sweep {spec.name}: {len(points)} points in {out_dir}")
+    table.add_column("point", overflow="fold")
+    table.add_column("parameters", overflow="fold")
+    table.add_column("state")
+    for point in points:
+        run_dir = layout.run_dir(point.name)
+        state = "finished" if is_complete(run_dir) else "started" if has_started(run_dir) else "new"
+        table.add_row(point.name, ", ".join(f"{k}={v}" for k, v in point.params.items()), state)
+    StdoutConsole().print(table)
 
 
 @app.command("query")
