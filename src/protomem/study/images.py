@@ -354,6 +354,53 @@ def detector_bias(
     return {flag: count / replicates for flag, count in hits.items()}
 
 
+CRITERION_NAMES = {"ratio": "d1/d2 < 1/3", "l2": "L2 (RMS <= 0.05)"}
+
+
+def _biased(main: dict, bias: dict) -> bool:
+    """True when the criterion's own density bias (uniform copier) points the same way as the result."""
+    if not (np.isfinite(bias["rho"]) and np.isfinite(main["rho"])):
+        return False
+    return bias["p_permutation"] < 0.05 and np.sign(bias["rho"]) == np.sign(-main["rho"])
+
+
+def image_verdict(statistics: dict, bias_stats: dict, sigma: float, n: int, settings) -> tuple[str, str]:
+    """The verdict sentence and the criterion it rests on: the first criterion (d1/d2, then L2) whose
+    detector check shows no bias in the direction of its result; the other criterion is reported too."""
+    order = ["ratio", "l2"]
+    clean = [c for c in order if not _biased(statistics[f"{c}:density_train"], bias_stats[c])]
+    headline = clean[0] if clean else "ratio"
+    parts = []
+    for criterion in [headline] + [c for c in order if c != headline]:
+        main, bias = statistics[f"{criterion}:density_train"], bias_stats[criterion]
+        name = CRITERION_NAMES[criterion]
+        if not np.isfinite(main["rho"]):
+            parts.append(f"Under {name}, {main['n_memorized']} of {n} digits were memorized: no test.")
+            continue
+        numbers = (
+            f"Spearman rho = {main['rho']:+.2f} between density and time to memorization, 95% CI "
+            f"[{main['ci_low']:+.2f}, {main['ci_high']:+.2f}], permutation p = {main['p_permutation']:.3g}"
+        )
+        if main["p_permutation"] < 0.05:
+            who = "typical (dense)" if main["rho"] > 0 else "rare (isolated)"
+            claim = f"the {who} training digits are memorized first ({numbers})"
+        else:
+            claim = f"the data do not show whether typical or rare digits are memorized first ({numbers})"
+        check = ""
+        if np.isfinite(bias["rho"]):
+            check = (
+                f"; detector check (every digit copied with noise RMS {sigma:.3f}): flag probability vs "
+                f"density rho = {bias['rho']:+.2f}, p = {bias['p_permutation']:.3g}"
+            )
+            if _biased(main, bias):
+                check += ", a bias of the criterion in the same direction, so this ordering is not evidence"
+        parts.append(
+            f"Under {name}, {main['n_memorized']} of {n} training digits were copied (>= "
+            f"{settings.copies_for_memorized} copies at one evaluation): {claim}{check}."
+        )
+    return " ".join(parts), headline
+
+
 def first_memorized(copies: np.ndarray, steps: np.ndarray, threshold: int) -> np.ndarray:
     """(P,) first step at which an item has >= threshold copies; NaN if never.
 
@@ -433,49 +480,9 @@ def analyse(run: Path, settings, evals, train01, dataset_index, labels, all_digi
     per_example["detect_prob_l2"] = bias["l2"]
     per_example.to_parquet(run / "per_example.parquet", index=False)
     memorized = int(np.isfinite(criteria["ratio"]["first"]).sum())
-    main = statistics["ratio:density_train"]
     first_step = np.nanmin(criteria["ratio"]["first"]) if memorized else None
     earliest = per_example.sort_values("first_memorized_ratio").head(min(5, memorized))
-    if not np.isfinite(main["rho"]):
-        verdict = (
-            f"{memorized} of {n} training digits were memorized; time to memorization could not be "
-            "related to density."
-        )
-    elif main["p_permutation"] < 0.05:
-        who = "typical (dense)" if main["rho"] > 0 else "rare (isolated)"
-        verdict = (
-            f"{memorized} of {n} training digits were copied (>= {settings.copies_for_memorized} copies "
-            f"at one evaluation, d1/d2 < 1/3); the {who} digits are memorized first: Spearman rho = "
-            f"{main['rho']:+.2f} between density (mean distance to the {settings.density_k} nearest "
-            f"training digits) and time to memorization, 95% CI [{main['ci_low']:+.2f}, "
-            f"{main['ci_high']:+.2f}], permutation p = {main['p_permutation']:.3g}."
-        )
-    else:
-        verdict = (
-            f"{memorized} of {n} training digits were copied; the data do not show whether typical or "
-            f"rare digits are memorized first (Spearman rho = {main['rho']:+.2f}, 95% CI "
-            f"[{main['ci_low']:+.2f}, {main['ci_high']:+.2f}], permutation p = "
-            f"{main['p_permutation']:.3g})."
-        )
-    b, l2 = bias_stats["ratio"], statistics["l2:density_train"]
-    if np.isfinite(b["rho"]):
-        verdict += (
-            f" Detector check: noisy copies of every digit (noise RMS {sigma:.3f}, the model's median copy "
-            f"distance) are flagged by d1/d2 < 1/3 with a probability whose Spearman rho with density is "
-            f"{b['rho']:+.2f} (p = {b['p_permutation']:.3g})"
-        )
-        same_sign = np.isfinite(main["rho"]) and np.sign(b["rho"]) == np.sign(-main["rho"])
-        if b["p_permutation"] < 0.05 and same_sign:
-            verdict += (
-                ": the criterion itself favours the same digits; the ordering says nothing about the model."
-            )
-        else:
-            verdict += "."
-    if np.isfinite(l2["rho"]):
-        verdict += (
-            f" With the absolute L2 criterion (RMS <= 0.05) instead: rho = {l2['rho']:+.2f}, 95% CI "
-            f"[{l2['ci_low']:+.2f}, {l2['ci_high']:+.2f}], p = {l2['p_permutation']:.3g}."
-        )
+    verdict, headline = image_verdict(statistics, bias_stats, sigma, n, settings)
     return {
         "modality": "images",
         "preset": asdict(settings),
@@ -506,8 +513,40 @@ def analyse(run: Path, settings, evals, train01, dataset_index, labels, all_digi
             "spearman_density_vs_detect_prob": bias_stats,
         },
         "verdict": verdict,
+        "headline_criterion": headline,
         "final_loss": float(np.mean(losses[-100:])) if losses else None,
     }
+
+
+def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
+    """Recompute the analysis, summary.json and report.html of a finished run from its stored files."""
+    import torch
+
+    run = Path(out_dir)
+    if not (run / "config.json").exists() or not (run / "evals.json").exists():
+        raise ProtomemError("not an image-study run directory (no config.json / evals.json)", path=run)
+    config = json.loads((run / "config.json").read_text())
+    settings = rebuild_preset(config["preset"])
+    stored = np.load(run / "train.npz")
+    _, _, _, all_digits = load_digit_subset(settings.n_train, settings.seed)
+    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    previous = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    summary = analyse(
+        run,
+        settings,
+        _read_evals(run),
+        stored["images"],
+        stored["dataset_index"],
+        stored["labels"],
+        all_digits,
+        state["losses"].tolist(),
+    )
+    summary["seconds"] = previous.get("seconds", float("nan"))
+    summary["threads"] = previous.get("threads", config.get("threads"))
+    write_image_study_report(run, summary)
+    summary["status"] = previous.get("status", "complete")
+    write_json_atomic(run / "summary.json", _json_ready(summary))
+    return run
 
 
 def _json_ready(value: object) -> object:
@@ -549,6 +588,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     """report.html of an image-study run, built from its tables (per_example, metrics, evals.json)."""
     import matplotlib.pyplot as plt
     import pandas as pd
+    from matplotlib.ticker import NullFormatter
 
     from protomem.htmlreport import figure_img, render_page
 
@@ -563,6 +603,8 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     ax1.set_xscale("log")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("training loss (mean of last 100 steps)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for flag, label in (
         ("frac_ratio", "d1/d2 < 1/3"),
         ("frac_l2", "L2"),
@@ -585,6 +627,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
         name = {0: "Q1 (densest)", 3: "Q4 (most isolated)"}.get(int(q), f"Q{int(q) + 1}")
         ax1.step(steps, alive, where="post", label=name)
     ax1.set_xscale("log")
+    ax1.xaxis.set_minor_formatter(NullFormatter())
     ax1.set_xlabel("training step")
     ax1.set_ylabel("fraction not yet memorized")
     ax1.legend(fontsize=8)
@@ -635,7 +678,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
         fig = _digit_strip(
             train[never_rows["train_index"]],
             [f"d={d:.2f}" for d in never_rows["density_train"]],
-            "never memorized (most isolated shown)",
+            "never memorized (up to 8, most isolated last)",
         )
         figures.append(("Training digits never memorized", figure_img(fig, "never memorized digits")))
     import protomem
