@@ -336,10 +336,15 @@ def audit_images(
 # --------------------------------------------------------------------------------------- sequences and text
 
 
-def _exact_ragged(train: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> np.ndarray:
+def _first_index_by_content(train: Sequence[np.ndarray]) -> dict[bytes, int]:
+    """{token bytes: index of the first training sequence with exactly these tokens}."""
     first: dict[bytes, int] = {}
     for i, seq in enumerate(train):
         first.setdefault(np.asarray(seq, dtype=np.int64).tobytes(), i)
+    return first
+
+
+def _exact_ragged(first: dict[bytes, int], outputs: Sequence[np.ndarray]) -> np.ndarray:
     return np.array([first.get(np.asarray(o, dtype=np.int64).tobytes(), -1) for o in outputs], dtype=np.int64)
 
 
@@ -361,6 +366,7 @@ def _token_audit(
     if modality == "sequences" and len(lengths) == 1:
         matrix = np.stack(train)
     index = text.build_kgram_index(train, config.span_tokens)
+    by_content = _first_index_by_content(train) if matrix is None else None
     parts = []
     for start in range(0, len(outputs), config.batch_size):
         chunk = list(outputs[start : start + config.batch_size])
@@ -369,7 +375,7 @@ def _token_audit(
         part = {
             "output": np.arange(start, start + count),
             "length": np.array([len(c) for c in chunk], dtype=np.int64),
-            "exact_train": _exact_ragged(train, chunk)
+            "exact_train": _exact_ragged(by_content, chunk)
             if matrix is None
             else exact_match_index(matrix, np.stack(chunk)),
             "longest_span": spans.longest_span,
