@@ -315,8 +315,17 @@ def test_report_from_scaling_and_zipf_sweeps(tmp_path):
     slope = float(html.split("τ_mem ∝ P<sup>b</sup> with slope ")[1].split(" ")[0])
     assert slope == pytest.approx(1.0, abs=0.15)
     # a stricter threshold changes τ without re-running
-    stricter = build_report(layout.root, tmp_path / "strict.html", mem_threshold=0.9, n_resamples=300)
+    stricter = build_report(
+        layout.root,
+        tmp_path / "strict.html",
+        mem_threshold=0.9,
+        n_resamples=300,
+        figures_dir=tmp_path / "png",
+    )
     assert stricter.read_text() != html
+    assert sorted(p.stem for p in (tmp_path / "png").glob("*.png")) == sorted(
+        ["onsets_vs_P", "trajectories", "phase", "tau_mem_vs_zipf", "rho_vs_zipf"]
+    )
     if chromium_path() is not None:
         seen = render_report(path, tmp_path / "report.png")
         assert seen["images"] == 5 and seen["images_loaded"] == 5

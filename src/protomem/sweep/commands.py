@@ -154,9 +154,12 @@ def report_command(
     out: Path = typer.Option(None, "--out", help="Report file [default: SWEEP_DIR/report.html]."),
     mem_threshold: float = typer.Option(None, "--mem-threshold", help=MEM_HELP),
     gen_threshold: float = typer.Option(None, "--gen-threshold", help=GEN_HELP),
+    figures: Path = typer.Option(None, "--figures", help="Also save every figure as PNG in this directory."),
 ) -> None:
     """Write a self-contained HTML report: τ_mem and τ_gen vs P, phase diagram, Zipf skew effects."""
     from protomem.sweep.report import build_report
 
-    path = build_report(sweep_dir, out, mem_threshold=mem_threshold, gen_threshold=gen_threshold)
+    path = build_report(
+        sweep_dir, out, mem_threshold=mem_threshold, gen_threshold=gen_threshold, figures_dir=figures
+    )
     console.print(f"report: {path}")

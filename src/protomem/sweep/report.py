@@ -374,10 +374,20 @@ def build_report(
     mem_threshold: float | None = None,
     gen_threshold: float | None = None,
     n_resamples: int = 2000,
+    figures_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the sweep's HTML report (default SWEEP_DIR/report.html) and return its path."""
+    """Write the sweep's HTML report (default SWEEP_DIR/report.html) and return its path.
+
+    ``figures_dir``: also save every figure there as PNG (for a README or a paper).
+    """
     import protomem
     from protomem.htmlreport import figure_img, render_page
+
+    def img(fig: Any, alt: str, name: str) -> Any:
+        if figures_dir is not None:
+            Path(figures_dir).mkdir(parents=True, exist_ok=True)
+            fig.savefig(Path(figures_dir) / f"{name}.png", dpi=110, bbox_inches="tight")
+        return figure_img(fig, alt)
 
     layout = require_sweep_dir(sweep_dir)
     mem_threshold = DEFAULT_MEM_THRESHOLD if mem_threshold is None else mem_threshold
@@ -428,11 +438,17 @@ def build_report(
         context["scaling"] = {
             "sizes": [int(s) if float(s).is_integer() else s for s in sizes],
             "fits": {key: (_fmt_fit(fit), fit) for key, fit in fits.items()},
-            "figure": figure_img(figure_onsets_vs_size(onsets, fits), "tau_mem and tau_gen vs P, log-log"),
-            "curves": figure_img(
-                figure_curves(checkpoints, onsets, mem_threshold, gen_threshold), "fractions vs step per run"
+            "figure": img(
+                figure_onsets_vs_size(onsets, fits), "tau_mem and tau_gen vs P, log-log", "onsets_vs_P"
             ),
-            "phase": figure_img(figure_phase(checkpoints, onsets), "phase diagram over P and training step"),
+            "curves": img(
+                figure_curves(checkpoints, onsets, mem_threshold, gen_threshold),
+                "fractions vs step per run",
+                "trajectories",
+            ),
+            "phase": img(
+                figure_phase(checkpoints, onsets), "phase diagram over P and training step", "phase"
+            ),
         }
     exponents = _distinct(onsets, "zipf_exponent")
     if len(exponents) >= 2:
@@ -450,8 +466,10 @@ def build_report(
                 ]
                 for _, r in table.sort_values(["levels", "zipf_exponent"]).iterrows()
             ],
-            "figure": figure_img(figure_zipf_onsets(onsets, table), "tau_mem vs Zipf exponent"),
-            "correlation": figure_img(figure_correlation(onsets, corr), "correlation vs Zipf exponent")
+            "figure": img(figure_zipf_onsets(onsets, table), "tau_mem vs Zipf exponent", "tau_mem_vs_zipf"),
+            "correlation": img(
+                figure_correlation(onsets, corr), "correlation vs Zipf exponent", "rho_vs_zipf"
+            )
             if corr
             else None,
             "correlation_column": corr[0] if corr else None,
