@@ -14,12 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job. Until the study lands this runs the grammar demo.
+# The main job: the default study (<= 5 minutes on 2 cores) into a fresh runs/study-<UTC time>;
+# the last line printed is the report's path.
 study: $(STAMP)
-	$(VENV)/bin/protomem grammar sample --vocab 8 --classes 8 --rules 3 --depth 3 --zipf 1.0 \
-		--count 1000 --seed 0 --out runs/grammar-demo --overwrite
-	$(VENV)/bin/protomem grammar check --grammar runs/grammar-demo/grammar.json \
-		--strings runs/grammar-demo/strings.parquet
+	$(VENV)/bin/protomem study --preset default --out runs/study-$$(date -u +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

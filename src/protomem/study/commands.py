@@ -37,6 +37,12 @@ def study(
     threads: int = typer.Option(
         None, "--threads", min=1, help="Torch threads (default: probe 1 vs all cores)."
     ),
+    jobs: int = typer.Option(
+        None,
+        "--jobs",
+        min=1,
+        help="Conditions run at once (default: cores // threads; 1 = one after another).",
+    ),
     modality: Modality = typer.Option(Modality.strings, "--modality", help="strings (RHM) or images."),
 ) -> None:
     """Run the memorization study end to end: train, detect copies, relate them to prototypicality, report."""

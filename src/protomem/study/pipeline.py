@@ -107,7 +107,10 @@ def _prepare_dir(config: ConditionConfig, out_dir: Path, resume: bool, overwrite
     if out_dir.exists() and not out_dir.is_dir():
         raise ProtomemError("exists and is not a directory", path=out_dir)
     non_empty = out_dir.is_dir() and any(out_dir.iterdir())
-    if non_empty and resume:
+    if non_empty and resume and not (out_dir / "config.yaml").is_file():
+        # killed before anything but the deterministic grammar / training set was written: start afresh
+        shutil.rmtree(out_dir)
+    elif non_empty and resume:
         saved = load_condition_config(out_dir).model_dump(mode="json")
         mine = config.model_dump(mode="json")
         saved["diffusion"].pop("threads", None)
@@ -172,6 +175,7 @@ def run_condition(
     if resume and is_complete(out_dir):
         return out_dir
     say = _stage_printer(progress, config.name)
+    cpu_start = time.process_time()
     clock = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -245,6 +249,9 @@ def run_condition(
     render_condition_report(out_dir, summary)
     timings["report"] = time.perf_counter() - clock
     summary["stage_seconds"] = timings
+    # CPU seconds of this process (all threads) since the call: on a loaded machine the wall times above
+    # stretch, this does not.
+    summary["cpu_seconds"] = time.process_time() - cpu_start
     summary["status"] = "complete"
     write_json_atomic(out_dir / "summary.json", summary)
     if progress:

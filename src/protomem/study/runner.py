@@ -113,6 +113,67 @@ def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[
     return None
 
 
+def _run_one(config: ConditionConfig, condition_dir: str) -> str:
+    """Worker: one condition, quietly (the parent shows progress); resumes whatever is there."""
+    import torch
+
+    torch.set_num_threads(int(config.diffusion.threads or 1))
+    path = Path(condition_dir)
+    run_condition(config, path, resume=path.exists(), progress=False)
+    return config.name
+
+
+def _condition_step(condition_dir: Path) -> int:
+    """The last evaluation step a condition has reached (from its trainer's checkpoint marker)."""
+    latest = condition_dir / "train" / "checkpoints" / "latest.json"
+    try:
+        return int(json.loads(latest.read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, progress: bool) -> None:
+    """Run conditions in ``jobs`` worker processes; progress per condition polled from its checkpoints."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    context = multiprocessing.get_context("spawn")
+    dirs = {c.name: out_dir / "conditions" / c.name for c in conditions}
+    with (
+        ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
+        Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>6.0f}/{task.total:.0f} steps"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+        ) as bars,
+    ):
+        tasks = {c.name: bars.add_task(c.name, total=c.diffusion.steps) for c in conditions}
+        overall = bars.add_task("all conditions", total=sum(c.diffusion.steps for c in conditions))
+        futures = {pool.submit(_run_one, c, str(dirs[c.name])): c.name for c in conditions}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()  # re-raise a worker's error here
+                name = futures[future]
+                bars.update(tasks[name], completed=bars.tasks[tasks[name]].total, description=f"{name} done")
+            total = 0
+            for c in conditions:
+                step = (
+                    bars.tasks[tasks[c.name]].total
+                    if is_complete(dirs[c.name])
+                    else _condition_step(dirs[c.name])
+                )
+                bars.update(tasks[c.name], completed=step)
+                total += step
+            bars.update(overall, completed=total)
+
+
 def run_study(
     out_dir: str | Path,
     *,
@@ -121,20 +182,31 @@ def run_study(
     overwrite: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    jobs: int | None = None,
 ) -> Path:
     """Run every condition of ``preset`` into ``out_dir/conditions/`` and write the pooled verdict and report.
 
     Args:
-        resume: continue a killed study (finished conditions are kept, the running one resumes).
+        resume: continue a killed study (finished conditions are kept, the others resume).
         overwrite: replace a non-empty ``out_dir``.
-        threads: torch threads for every condition; None = probe once (first condition) and reuse.
+        threads: torch threads per condition. None: one thread per condition with conditions run in
+            parallel on the cores (small models run faster that way than two threads on one), or with
+            ``jobs=1`` probe 1 vs all cores once (first condition) and reuse the choice.
+        jobs: conditions run at the same time (processes); None = cores // threads.
     """
     out_dir = Path(out_dir)
     saved = _prepare(out_dir, preset, resume, overwrite)
     if saved is not None:
         preset = saved["preset"]
         threads = threads or saved.get("threads")
+        jobs = jobs or saved.get("jobs")
     conditions = get_preset(preset).conditions
+    cores = os.cpu_count() or 1
+    if jobs is None:
+        jobs = max(1, cores // (threads or 1))
+    jobs = max(1, min(jobs, len(conditions)))
+    if threads is None and jobs > 1:
+        threads = 1
     clock = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     doc: dict[str, Any] = {
@@ -143,25 +215,36 @@ def run_study(
         "primary_score": conditions[0].analysis.primary_score,
         "alpha": conditions[0].analysis.alpha,
         "threads": threads,
-        "threads_source": "flag" if threads else "probe",
+        "jobs": jobs,
+        "threads_policy": (
+            "probe 1 vs all cores (first condition), reused"
+            if threads is None
+            else f"{threads} torch thread(s) per condition, {jobs} condition(s) at a time on {cores} cores"
+        ),
         "load_average": [round(x, 2) for x in load],
         "status": "running",
         "seconds_before": float((saved or {}).get("seconds", 0.0)),
     }
     write_json_atomic(out_dir / STUDY_FILE, doc)
-    for index, condition in enumerate(conditions):
-        condition_dir = out_dir / "conditions" / condition.name
-        if threads is not None:
-            condition = apply_overrides(condition, {"diffusion.threads": int(threads)})
-        if progress:
-            from rich.console import Console
+    if threads is not None:
+        conditions = [apply_overrides(c, {"diffusion.threads": int(threads)}) for c in conditions]
+    if jobs > 1:
+        _run_parallel(conditions, out_dir, jobs, progress)
+    else:
+        for index, condition in enumerate(conditions):
+            condition_dir = out_dir / "conditions" / condition.name
+            if threads is not None:
+                condition = apply_overrides(condition, {"diffusion.threads": int(threads)})
+            if progress:
+                from rich.console import Console
 
-            Console(stderr=True).rule(f"condition {index + 1}/{len(conditions)}: {condition.name}")
-        run_condition(condition, condition_dir, resume=is_complete(condition_dir) or condition_dir.exists())
-        if threads is None:
-            threads = int((read_summary(condition_dir) or {}).get("threads") or 1)
-            doc["threads"] = threads
-            write_json_atomic(out_dir / STUDY_FILE, doc)
+                Console(stderr=True).rule(f"condition {index + 1}/{len(conditions)}: {condition.name}")
+            run_condition(condition, condition_dir, resume=condition_dir.exists(), progress=progress)
+            if threads is None:
+                threads = int((read_summary(condition_dir) or {}).get("threads") or 1)
+                doc["threads"] = threads
+                doc["threads_policy"] += f": {threads}"
+                write_json_atomic(out_dir / STUDY_FILE, doc)
     groups = _groups(conditions)
     pooled = {
         name: pooled_statistics(out_dir, members, doc["primary_score"]) for name, members in groups.items()

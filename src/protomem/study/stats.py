@@ -209,11 +209,12 @@ def logistic_model(
     outcome = np.asarray(outcome, dtype=int)
     keep = ~np.isnan(design).any(axis=1)
     design, outcome = design[keep], outcome[keep]
-    if design.shape[0] < 10 or np.unique(outcome).size < 2:
+    varying = design.std(axis=0) > 0  # a constant score has no coefficient
+    names = [n for n, v in zip(names, varying, strict=True) if v]
+    design = design[:, varying]
+    if design.shape[0] < 10 or design.shape[1] == 0 or np.unique(outcome).size < 2:
         return {}
-    std = design.std(axis=0)
-    std[std == 0] = 1.0
-    design = (design - design.mean(axis=0)) / std
+    design = (design - design.mean(axis=0)) / design.std(axis=0)
 
     def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         if np.unique(y).size < 2:
