@@ -75,6 +75,9 @@ def test_ray_sweep_retries_failed_and_killed_points_and_skips_finished_ones(tmp_
         spec, layout.root, num_cpus=2, progress=False, condition_runner=fake_run_condition, configs=configs
     )
     watcher.join(timeout=1)
+    import ray
+
+    assert not ray.is_initialized()  # the private local Ray was shut down
     assert result.failed == {} and sorted(result.completed) == sorted(p.name for p in points)
     assert result.attempts[failing] == 2 and result.attempts[killed] == 2
     for name in (failing, killed):

@@ -438,6 +438,11 @@ def build_report(
         context["scaling"] = {
             "sizes": [int(s) if float(s).is_integer() else s for s in sizes],
             "fits": {key: (_fmt_fit(fit), fit) for key, fit in fits.items()},
+            "not_reached": {
+                key: int((~np.isfinite(onsets[key].to_numpy(dtype=np.float64))).sum())
+                for key in ("tau_mem", "tau_gen")
+            },
+            "n_runs": len(onsets),
             "figure": img(
                 figure_onsets_vs_size(onsets, fits), "tau_mem and tau_gen vs P, log-log", "onsets_vs_P"
             ),
