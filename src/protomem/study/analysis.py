@@ -241,6 +241,18 @@ def analyze_condition(
             "consistent": bool(np.sign(np.nan_to_num(rho_finer)) == np.sign(np.nan_to_num(rho_train))),
         }
 
+    # slop in the partial-memorization regime: checkpoints before exact copies exceed 5% of samples
+    copy_frac = np.asarray(metrics["frac_exact_copy"])
+    pre = np.flatnonzero(np.cumsum(copy_frac >= 0.05) == 0)
+    slop_summary = {}
+    for level in range(1, depth):
+        slopes = np.asarray(metrics[f"slop_slope_l{level}"], float)
+        slop_summary[f"l{level}"] = {
+            "block_tokens": grammar.branching ** (depth - level),
+            "slope_before_copying": float(np.nanmean(slopes[pre])) if pre.size else float("nan"),
+            "slope_final": float(slopes[-1]),
+            "grammar_slope": float(metrics[f"grammar_slope_l{level}"][0]),
+        }
     nan = float("nan")
     primary = correlations.get(
         analysis.primary_score, {"rho": nan, "ci_low": nan, "ci_high": nan, "p_permutation": nan}
@@ -266,6 +278,7 @@ def analyze_condition(
         "correlations": correlations,
         "logistic": {"checkpoint_step": int(steps[cut]), "coefficients": logistic},
         "finer_sampler": finer_summary,
+        "slop": {"checkpoints_before_copying": steps[pre].tolist(), "levels": slop_summary},
         "alpha": analysis.alpha,
         "verdict": verdict_sentence(
             primary, analysis.primary_score, analysis.alpha, (first_index < n_ckpt).sum()

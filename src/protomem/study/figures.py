@@ -226,8 +226,8 @@ def _draw_tree(ax: Any, grammar: Any, tokens: np.ndarray, title: str) -> None:
 
 
 def trees_figure(grammar: Any, strings: list[tuple[np.ndarray, str]]) -> plt.Figure:
-    """Derivation trees of several strings (tokens, title), two per row."""
-    cols = 2
+    """Derivation trees of several strings (tokens, title), three per row."""
+    cols = 3
     rows = int(np.ceil(len(strings) / cols))
     width = max(3.2, 0.3 * grammar.branching**grammar.depth + 1)
     fig, axes = plt.subplots(rows, cols, figsize=(2 * width, 2.5 * rows), squeeze=False)

@@ -39,6 +39,12 @@ def _summary(out_dir: Path) -> dict[str, Any]:
         raise ProtomemError(f"summary.json is not valid JSON ({exc})", path=path) from None
 
 
+def _version() -> str:
+    import protomem
+
+    return str(getattr(protomem, "__version__", ""))
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -153,7 +159,7 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
         depth=depth,
         fmt=_fmt,
         positive=summary["verdict"].startswith("Prototypical"),
-        protomem_version="",
+        protomem_version=_version(),
     )
     return path
 
@@ -192,6 +198,7 @@ def render_study_report(study_dir: str | Path) -> Path:
                 "threads": summary.get("threads"),
                 "seconds": summary.get("train_seconds"),
                 "finer": summary.get("finer_sampler") or {},
+                "slop": summary.get("slop", {}).get("levels", {}),
             }
         )
     pooled = study.get("pooled")
@@ -214,7 +221,7 @@ def render_study_report(study_dir: str | Path) -> Path:
         survival=survival,
         fmt=_fmt,
         positive=study["verdict"].startswith("Prototypical"),
-        protomem_version="",
+        protomem_version=_version(),
     )
     return path
 
