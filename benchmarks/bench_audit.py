@@ -103,7 +103,8 @@ def bench_text(n_train: int, n_out: int, length: int, baseline: int) -> None:
     print(
         f"text {length} tokens: {n_train:,} train x {n_out:,} outputs | audit {seconds:.1f} s = "
         f"{n_out / seconds:,.0f} outputs/s | brute force {baseline / brute:,.2f} outputs/s (on {baseline}) | "
-        f"speed-up x{(n_out / seconds) / (baseline / brute):,.0f} | peak RSS after the audit {audit_rss:.2f} GiB",
+        f"speed-up x{(n_out / seconds) / (baseline / brute):,.0f} | peak RSS after the audit "
+        f"{audit_rss:.2f} GiB",
         flush=True,
     )
 
