@@ -495,3 +495,47 @@ def test_training_reduces_the_loss_on_rhm_strings(tmp_path, rhm, process, model)
         assert valid[160].mean() > 0.1
     else:  # the generic transformer learns this tiny set more slowly
         assert np.mean(losses[-2:]) < 0.9 * losses[0]
+
+
+KILL_SCRIPT = """
+import sys, numpy as np, torch
+from protomem.diffusion import DiffusionConfig, train
+torch.set_num_threads(1)
+config = DiffusionConfig.model_validate_json(sys.argv[1])
+train(config, np.load(sys.argv[2]), sys.argv[3], progress=False, resume=True)
+"""
+
+
+def test_a_killed_process_resumes_to_identical_weights(tmp_path, rhm):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, strings = rhm
+    config = small_config(steps=150, eval_steps=[150], checkpoint_every=10)
+    np.save(tmp_path / "data.npy", strings.tokens)
+    args = [
+        sys.executable,
+        "-c",
+        KILL_SCRIPT,
+        config.model_dump_json(),
+        str(tmp_path / "data.npy"),
+        str(tmp_path / "cut"),
+    ]
+    process = subprocess.Popen(args)
+    latest = tmp_path / "cut" / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= 20:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # no chance to clean up
+    process.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 20 <= killed_at < 150, killed_at
+    subprocess.run(args, check=True, timeout=300)  # resume=True in the script
+    train(config, strings.tokens, tmp_path / "full", progress=False)
+    wa, wb = weights_of(tmp_path / "full", 150), weights_of(tmp_path / "cut", 150)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
