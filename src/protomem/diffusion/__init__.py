@@ -33,8 +33,8 @@ Notes for callers:
   choice is in ``TrainResult.threads`` and the checkpoint state (a resume reuses it). ``train`` restores
   the caller's torch thread count on return.
 - ``precision="bf16"`` autocasts matmuls to bfloat16 (this CPU has AVX512-BF16, no AMX): ~1.4x faster
-  training at width 256 on one thread, but not bit-identical to fp32 and, in one paired run, slower to
-  memorize; the default stays ``"fp32"``. ``config.model_copy(update=...)`` skips validation: prefer
+  training at width 256 on one thread, but not bit-identical to fp32 and not yet shown to give the same
+  memorization curves; the default stays ``"fp32"``. ``config.model_copy(update=...)`` skips validation: prefer
   ``DiffusionConfig(**{**config.model_dump(), **changes})``.
 - Importing ``protomem.diffusion`` is cheap: torch loads on first use of an exported name.
 - Same config (incl. seed) and thread count -> bit-identical losses, weights and evaluation samples.
