@@ -74,6 +74,9 @@ def test_run_directory_has_every_output(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["steps"] == [20, 40, 80, 160]
+    assert set(summary["slop"]["levels"]) == {"l1", "l2"}
+    assert summary["finer_sampler"]["sampling_steps"] == 32
+    assert summary["verdict"] and summary["cpu_seconds"] > 0
     doc = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert doc["versions"]["torch"] == torch.__version__
     assert set(doc["seeds"]) == {"grammar", "data", "model", "analysis"}
