@@ -166,3 +166,17 @@ def test_text_audit_report_highlights_the_span(tmp_path: Path) -> None:
     assert result.matches["longest_span"].tolist() == [60, 0]
     html = (out / "report.html").read_text()
     assert "<mark>" + " ".join(docs[9].split()[:60]) + "</mark>" in html
+
+
+def test_float_arrays_are_scaled_once_for_the_whole_file(tmp_path: Path) -> None:
+    signed = np.zeros((4, 8, 8), dtype=np.float32)
+    signed[0] = -1.0  # only the first image is negative: every batch must still map [-1, 1] -> [0, 1]
+    signed[1:] = 0.5
+    np.save(tmp_path / "signed.npy", signed)
+    source = open_images(tmp_path / "signed.npy")
+    source.conform(None, resize=False)
+    batches = [batch for _, batch in source.batches(2)]
+    assert batches[0][0].max() == 0.0 and batches[1][0].min() == 0.75  # (0.5 + 1) / 2
+    np.save(tmp_path / "bad.npy", np.full((2, 8, 8), 3.0, dtype=np.float32))
+    with pytest.raises(ProtomemError, match=r"\[0, 1\] or \[-1, 1\]"):
+        open_images(tmp_path / "bad.npy")

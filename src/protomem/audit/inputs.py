@@ -220,27 +220,43 @@ def read_documents(path: str | Path) -> list[str]:
 # -------------------------------------------------------------------------------------------------- images
 
 
-def _to_unit_float(array: np.ndarray, path: Path) -> np.ndarray:
-    """Pixel values -> float32 in [0, 1] (uint8 / 255; floats in [0, 1] kept; [-1, 1] mapped)."""
+def _value_range(array: np.ndarray, path: Path, chunk: int = 4096) -> tuple[float, float]:
+    """(min, max) of a whole (possibly memory-mapped) array, read in chunks; rejects NaN / infinity."""
+    low, high = np.inf, -np.inf
+    for start in range(0, array.shape[0], chunk):
+        part = np.asarray(array[start : start + chunk])
+        if np.issubdtype(part.dtype, np.floating) and not np.isfinite(part).all():
+            raise ProtomemError("pixels contain NaN or infinity", path=path, where=f"image {start}+")
+        if part.size:
+            low, high = min(low, float(part.min())), max(high, float(part.max()))
+    return (0.0, 1.0) if low > high else (low, high)
+
+
+def _pixel_scale(array: np.ndarray, path: Path) -> tuple[float, float]:
+    """(offset, scale) with unit = (pixels + offset) * scale in [0, 1], decided once for the whole array.
+
+    uint8 and other integers 0..255: / 255; floats in [0, 1]: kept; floats in [-1, 1]: (x + 1) / 2.
+    """
     if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
+        return 0.0, 1 / 255
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ProtomemError(f"unsupported pixel dtype {array.dtype}", path=path)
+    low, high = _value_range(array, path)
     if np.issubdtype(array.dtype, np.integer):
-        if array.size and (array.min() < 0 or array.max() > 255):
+        if low < 0 or high > 255:
             raise ProtomemError("integer pixels must lie in 0..255", path=path)
-        return array.astype(np.float32) / 255.0
-    if np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-        if not np.isfinite(array).all():
-            raise ProtomemError("pixels contain NaN or infinity", path=path)
-        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 1.0)
-        if low >= 0 and high <= 1:
-            return array
-        if low >= -1 and high <= 1:
-            return (array + 1) / 2
-        raise ProtomemError(
-            f"float pixels must lie in [0, 1] or [-1, 1], found [{low:g}, {high:g}]", path=path
-        )
-    raise ProtomemError(f"unsupported pixel dtype {array.dtype}", path=path)
+        return 0.0, 1 / 255
+    if low >= 0 and high <= 1:
+        return 0.0, 1.0
+    if low >= -1 and high <= 1:
+        return 1.0, 0.5
+    raise ProtomemError(f"float pixels must lie in [0, 1] or [-1, 1], found [{low:g}, {high:g}]", path=path)
+
+
+def _to_unit_float(array: np.ndarray, path: Path, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """Pixel values -> float32 in [0, 1] with the array's (offset, scale) (decided here if not given)."""
+    offset, factor = scale if scale is not None else _pixel_scale(array, path)
+    return ((array.astype(np.float32) + offset) * factor).astype(np.float32)
 
 
 def _with_channels(array: np.ndarray, path: Path) -> np.ndarray:
@@ -277,6 +293,7 @@ class ImageSource:
     native_shapes: set[tuple[int, int, int]] = field(default_factory=set)
     shape: tuple[int, int, int] = (0, 0, 0)
     _array: np.ndarray | None = None
+    _scale: tuple[float, float] | None = None
 
     def conform(self, shape: tuple[int, int, int] | None, resize: bool) -> None:
         """Fix the output shape: ``shape`` (H, W, C) to match another source, or this source's own."""
@@ -324,7 +341,7 @@ class ImageSource:
         """(len(indices), H, W, C) float32 in [0, 1]."""
         if self._array is not None:
             raw = _with_channels(np.asarray(self._array[np.asarray(indices, dtype=np.int64)]), self.path)
-            images = _to_unit_float(raw, self.path)
+            images = _to_unit_float(raw, self.path, self._scale)
             if images.shape[1:] == self.shape:
                 return images
             return np.stack([self._finish(img) for img in images]) if len(images) else images
@@ -405,6 +422,7 @@ def open_images(path: str | Path) -> ImageSource:
         count=int(array.shape[0]),
         native_shapes={(int(array.shape[1]), int(array.shape[2]), int(channels))},
         _array=array,
+        _scale=_pixel_scale(array, path),
     )
 
 
