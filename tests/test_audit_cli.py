@@ -180,3 +180,14 @@ def test_float_arrays_are_scaled_once_for_the_whole_file(tmp_path: Path) -> None
     np.save(tmp_path / "bad.npy", np.full((2, 8, 8), 3.0, dtype=np.float32))
     with pytest.raises(ProtomemError, match=r"\[0, 1\] or \[-1, 1\]"):
         open_images(tmp_path / "bad.npy")
+
+
+def test_modality_can_be_forced(tmp_path: Path) -> None:
+    (tmp_path / "numbers.txt").write_text("1 2 3 4\n5 6 7 8\n")
+    (tmp_path / "out_numbers.txt").write_text("1 2 3 4\n")
+    config = AuditConfig(modality="text", span_tokens=2)
+    _, result = run_audit(
+        tmp_path / "numbers.txt", tmp_path / "out_numbers.txt", tmp_path / "o", config, progress=False
+    )
+    assert result.modality == "text" and result.matches["exact"].tolist() == [True]
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["modality"] == "text"
