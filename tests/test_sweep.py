@@ -146,6 +146,8 @@ def test_power_law_fit_recovers_a_known_slope_with_an_interval():
     assert fit_power_law([16, 16], [10.0, 12.0]) is None
     two = fit_power_law([16, 32], [10.0, 20.0])
     assert two.slope == pytest.approx(1.0) and np.isnan(two.ci_low)
+    two_sizes = fit_power_law([16, 16, 32, 32], [10.0, 11.0, 20.0, 23.0])  # no interval from 2 clusters
+    assert np.isfinite(two_sizes.slope) and np.isnan(two_sizes.ci_low) and "3 or more" in two_sizes.method
     exact = fit_power_law([16, 32, 64], [10.0, 20.0, 40.0])  # no residual spread: percentile fallback
     assert exact.slope == pytest.approx(1.0) and exact.ci_low == pytest.approx(1.0)
 

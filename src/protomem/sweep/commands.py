@@ -145,7 +145,10 @@ def query_command(
     if limit < 0:
         raise ProtomemError(f"--limit must be at least 0, got {limit}")
     frame = run_query(require_sweep_dir(sweep_dir), sql)
-    StdoutConsole().print(rich_table(frame, limit=limit or None))
+    out = StdoutConsole()
+    if not out.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        out = StdoutConsole(width=250)
+    out.print(rich_table(frame, limit=limit or None))
 
 
 @app.command("report")

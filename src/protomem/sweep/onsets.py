@@ -98,8 +98,9 @@ def fit_power_law(
 
     The interval is a studentized (bootstrap-t) interval over resampled runs: with the ~10 runs of a
     sweep, plain percentile intervals cover the true slope only ~90% of the time, bootstrap-t ~95%
-    (checked by simulation). Resamples with a single P are dropped. Without residual spread (a perfect
-    fit) it falls back to the percentile interval.
+    (checked by simulation). The interval needs runs at 3 or more distinct P (with two, a line through
+    two clusters has no spread to resample); resamples with fewer than 3 distinct P are dropped. Without
+    residual spread (a perfect fit) it falls back to the percentile interval.
     """
     sizes = np.asarray(sizes, dtype=np.float64)
     taus = np.asarray(taus, dtype=np.float64)
@@ -113,15 +114,17 @@ def fit_power_law(
     slope, se = float(slopes[0]), float(ses[0])
     intercept = float(y.mean() - slope * x.mean())
     low = high = float("nan")
-    method = "none (too few runs)"
-    if x.size >= 3:
+    method = "none (needs runs at 3 or more training-set sizes)"
+    if distinct.size >= 3:
         rng = np.random.default_rng(seed)
         picks = rng.integers(0, x.size, size=(n_resamples, x.size))
+        spread = (np.diff(np.sort(x[picks], axis=1), axis=1) > 0).sum(axis=1) + 1
+        picks = picks[spread >= 3]
         boot, boot_se = _slopes(x[picks], y[picks])
         with np.errstate(invalid="ignore", divide="ignore"):
             t_stats = (boot - slope) / boot_se
         t_stats = t_stats[np.isfinite(t_stats)]
-        if se > 0 and t_stats.size >= n_resamples // 2:
+        if se > 0 and t_stats.size >= n_resamples // 4:
             method = "bootstrap-t over runs"
             t_high, t_low = np.percentile(t_stats, [97.5, 2.5])
             low, high = slope - t_high * se, slope - t_low * se

@@ -97,6 +97,8 @@ def _distinct(frame: pd.DataFrame, column: str) -> list[Any]:
 def _fmt_fit(fit: PowerLawFit | None) -> str:
     if fit is None:
         return "no fit (fewer than 2 training-set sizes with a finite τ)"
+    if not np.isfinite(fit.ci_low):
+        return f"slope {fit.slope:.2f} (no interval: {fit.method.removeprefix('none ').strip('()')})"
     return f"slope {fit.slope:.2f} [95% CI {fit.ci_low:.2f}, {fit.ci_high:.2f}]"
 
 
@@ -122,8 +124,8 @@ def figure_onsets_vs_size(onsets: pd.DataFrame, fits: dict[str, PowerLawFit | No
                 label=f"{label} not reached by the last step",
             )
         fit = fits.get(key)
-        if fit is not None:
-            grid = np.geomspace(sizes.min(), sizes.max(), 50)
+        if fit is not None:  # drawn over the sizes it was fitted on
+            grid = np.geomspace(sizes[ok].min(), sizes[ok].max(), 50)
             ax.plot(grid, fit.predict(grid), color=color, lw=1.6, label=f"{label} fit: {_fmt_fit(fit)}")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -131,7 +133,7 @@ def figure_onsets_vs_size(onsets: pd.DataFrame, fits: dict[str, PowerLawFit | No
     ax.set_ylabel("training step")
     ax.set_title("Onset of memorization and of generalization vs P")
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7.5, loc="best")
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1, frameon=False)
     return fig
 
 
