@@ -426,7 +426,14 @@ def open_images(path: str | Path) -> ImageSource:
     )
 
 
-def image_bytes_keys(images: np.ndarray) -> np.ndarray:
-    """One hashable key per image for exact-duplicate search: pixels quantized to 8 bits."""
-    quantized = np.rint(np.asarray(images) * 255).astype(np.uint8).reshape(len(images), -1)
-    return quantized
+def image_bytes_keys(images: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """(N, H*W*C) uint8: pixels quantized to 8 bits, one row per image (exact-duplicate search).
+
+    Built in chunks so the float temporaries stay at ``chunk`` images.
+    """
+    images = np.asarray(images)
+    out = np.empty((len(images), int(np.prod(images.shape[1:]))), dtype=np.uint8)
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].reshape(-1, out.shape[1])
+        out[start : start + chunk] = np.rint(part * np.float32(255)).astype(np.uint8)
+    return out
