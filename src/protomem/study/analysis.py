@@ -200,7 +200,7 @@ def analyze_condition(
         ).to_dict()
         for null_name, draws in null_first.items():
             rhos = stats.null_rhos(signed, draws)
-            result[f"null_mean_{null_name}"] = float(np.nanmean(rhos))
+            result[f"null_mean_{null_name}"] = _nanmean(rhos)
             result[f"p_{null_name}"] = stats.tail_p(result["rho"], rhos)
             null_columns["score"] += [name] * len(rhos)
             null_columns["null"] += [null_name] * len(rhos)
@@ -249,7 +249,7 @@ def analyze_condition(
         slopes = np.asarray(metrics[f"slop_slope_l{level}"], float)
         slop_summary[f"l{level}"] = {
             "block_tokens": grammar.branching ** (depth - level),
-            "slope_before_copying": float(np.nanmean(slopes[pre])) if pre.size else float("nan"),
+            "slope_before_copying": _nanmean(slopes[pre]),
             "slope_final": float(slopes[-1]),
             "grammar_slope": float(metrics[f"grammar_slope_l{level}"][0]),
         }
@@ -285,6 +285,13 @@ def analyze_condition(
         ),
     }
     return summary
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """Mean of the non-NaN values, NaN (without a warning) when there are none."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def slop_slope(train_count: np.ndarray, sample_count: np.ndarray, n_train: int, n_samples: int) -> float:
