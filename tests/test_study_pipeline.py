@@ -255,3 +255,31 @@ def test_quick_preset_study_end_to_end(tmp_path):
     )
     assert again.returncode == 2 and "--overwrite" in again.stderr
     print(f"quick preset wall time {elapsed:.1f} s, load average {os.getloadavg()}")
+
+
+@pytest.mark.slow
+def test_parallel_study_pools_conditions_and_renders(tmp_path, monkeypatch):
+    from protomem.study import runner
+    from protomem.study.presets import StudyPreset
+
+    conditions = [
+        apply_overrides(tiny_condition(), {"name": "tiny-zipf"}),
+        apply_overrides(tiny_condition(), {"name": "tiny-uniform", "grammar.zipf_exponent": 0.0}),
+    ]
+    monkeypatch.setattr(runner, "get_preset", lambda name: StudyPreset(name, "test", conditions))
+    out = tmp_path / "study"
+    runner.run_study(out, preset="quick", progress=False, threads=1, jobs=2)
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "complete" and study["jobs"] == 2
+    assert set(study["pooled_groups"]) == {"all conditions", "Zipf rules", "uniform rules"}
+    rhos = [
+        json.loads((out / "conditions" / c.name / "summary.json").read_text())["primary"]["rho"]
+        for c in conditions
+    ]
+    assert study["pooled"]["rho"] == pytest.approx(np.nanmean(rhos))
+    assert 0 < study["pooled"]["p_calibrated"] <= 1
+    with pytest.raises(ProtomemError, match="--overwrite"):
+        runner.run_study(out, preset="quick", progress=False)
+    runner.run_study(out, resume=True, progress=False)  # everything done: only pools and re-renders
+    seen = render_report(out / "report.html", tmp_path / "study.png")
+    assert seen["images"] == 3 and seen["images_loaded"] == 3

@@ -86,6 +86,10 @@ def test_logistic_model_finds_the_score_that_matters():
     assert coef["a"]["ci_low"] > 1.0
     assert coef["b"]["ci_low"] < 0 < coef["b"]["ci_high"]
     assert stats.logistic_model({"a": a}, np.zeros(400, bool)) == {}
+    # a score constant up to float rounding (log p(x) under uniform rules) is left out, not standardized
+    flat = np.full(400, -9.76972756) + rng.normal(0, 1e-15, 400)
+    assert set(stats.logistic_model({"a": a, "flat": flat}, outcome, n_bootstrap=20)) == {"a"}
+    assert not stats.varies(flat) and stats.varies(a) and not stats.varies(np.array([np.nan, 1.0]))
 
 
 def test_presets_validate_and_overrides_are_checked():

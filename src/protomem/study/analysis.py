@@ -185,7 +185,7 @@ def analyze_condition(
         )
 
     # Scores constant over the training set (e.g. whole-string duplicates of distinct strings) say nothing.
-    score_names = [c for c in [*scores] if np.nanstd(np.asarray(scores[c], float)) > 0]
+    score_names = [c for c in [*scores] if stats.varies(scores[c])]
     correlations: dict[str, Any] = {}
     null_columns: dict[str, list] = {"score": [], "null": [], "draw": [], "rho": []}
     early = stats.earliness(first_index)

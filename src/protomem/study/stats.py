@@ -87,6 +87,18 @@ def spearman_with_uncertainty(
     return CorrelationResult(float(rho), float(low), float(high), float(p), int(n))
 
 
+def varies(values: np.ndarray) -> bool:
+    """True when the non-NaN values differ by more than float rounding (a constant score says nothing).
+
+    Sums of the same log-probabilities in another order differ by ~1e-15: that is not variation.
+    """
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size < 2:
+        return False
+    return bool(np.ptp(values) > 1e-9 * max(1.0, float(np.abs(values).max())))
+
+
 def earliness(first_index: np.ndarray) -> np.ndarray:
     """Minus the first memorized checkpoint index (never memorized = one past the last, tied last)."""
     return -np.asarray(first_index, dtype=float)
@@ -209,7 +221,7 @@ def logistic_model(
     outcome = np.asarray(outcome, dtype=int)
     keep = ~np.isnan(design).any(axis=1)
     design, outcome = design[keep], outcome[keep]
-    varying = design.std(axis=0) > 0  # a constant score has no coefficient
+    varying = np.array([varies(column) for column in design.T], dtype=bool)  # constants have no coefficient
     names = [n for n, v in zip(names, varying, strict=True) if v]
     design = design[:, varying]
     if design.shape[0] < 10 or design.shape[1] == 0 or np.unique(outcome).size < 2:
