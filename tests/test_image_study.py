@@ -93,7 +93,7 @@ def test_quick_study_tables_agree_and_report_renders(tmp_path: Path) -> None:
         assert row.sum() == round(e["frac_ratio"] * preset.eval_samples)
     recomputed = first_memorized(copies, np.array(summary["eval_steps"]), preset.copies_for_memorized)
     np.testing.assert_array_equal(recomputed, per_example["first_memorized_ratio"].to_numpy())
-    assert summary["n_memorized"] == int(np.isfinite(recomputed).sum())
+    assert summary["n_memorized"] == int(np.isfinite(recomputed).sum()) >= 1  # the quick preset memorizes
     with pytest.raises(ProtomemError, match="--overwrite"):
         run_image_study(run, preset="quick", progress=False, threads=1)
     require_chromium()

@@ -59,10 +59,11 @@ class ImageStudyPreset:
 PRESETS = {
     "quick": ImageStudyPreset(
         "quick",
-        n_train=16,
+        n_train=10,
         width=8,
         timesteps=50,
         steps=300,
+        lr=3e-3,
         n_evals=3,
         first_eval=100,
         eval_samples=32,
