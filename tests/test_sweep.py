@@ -246,6 +246,20 @@ def test_rerun_with_a_changed_config_is_refused_and_keeps_results(tmp_path):
     assert is_complete(layout.run_dir(points[0].name))
 
 
+def test_bad_run_options_fail_before_any_work(tmp_path):
+    from protomem.sweep.runner import run_sweep
+
+    spec = spec_from_dict({"grid": {"data.n_train": [16]}})
+    for kwargs, message in (
+        ({"address": "10.0.0.1:6379", "num_cpus": 2}, "--cpus applies to a local Ray only"),
+        ({"num_cpus": 0}, "--cpus must be at least 1"),
+        ({"retries": -1}, "--retries must be at least 0"),
+    ):
+        with pytest.raises(ProtomemError, match=message):
+            run_sweep(spec, tmp_path / "out", progress=False, configs={}, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_missing_gives_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ProtomemError, match=r"pip install 'protomem\[sweep\]'"):

@@ -182,7 +182,12 @@ def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
         "configure_logging": True,
     }
     if address:
-        ray.init(address=address, **options)
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = lines[-1] if lines else type(exc).__name__
+            raise ProtomemError(f"could not join the Ray cluster at {address}: {detail}") from None
     else:
         cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
         # "local" always starts a new instance, even if another user's `ray start` runs on this machine.
