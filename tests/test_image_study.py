@@ -96,6 +96,10 @@ def test_quick_study_tables_agree_and_report_renders(tmp_path: Path) -> None:
     assert summary["n_memorized"] == int(np.isfinite(recomputed).sum()) >= 1  # the quick preset memorizes
     with pytest.raises(ProtomemError, match="--overwrite"):
         run_image_study(run, preset="quick", progress=False, threads=1)
+    (run / "report.html").unlink()
+    image_study.rebuild_image_study(run)  # from the stored tables alone
+    rebuilt = json.loads((run / "summary.json").read_text())
+    assert rebuilt["verdict"] == summary["verdict"] and (run / "report.html").exists()
     require_chromium()
     page = render_report(run / "report.html", tmp_path / "shot.png")
     assert page["images"] >= 4 and page["images_loaded"] == page["images"]
