@@ -110,13 +110,15 @@ def _print_plan(spec, out_dir: Path) -> None:
     from rich.console import Console as StdoutConsole
     from rich.table import Table
 
-    from protomem.sweep.conditions import point_configs
+    from protomem.sweep.conditions import config_to_dict, point_configs
     from protomem.sweep.layout import SweepLayout, has_started, is_complete
+    from protomem.sweep.runner import check_existing_configs
     from protomem.sweep.spec import expand_points
 
     points = expand_points(spec)
-    point_configs(spec, points)  # validates every point
+    configs = point_configs(spec, points)  # validates every point
     layout = SweepLayout(out_dir)
+    check_existing_configs(layout, points, {name: config_to_dict(c) for name, c in configs.items()})
     table = Table(title=f"sweep {spec.name}: {len(points)} points in {out_dir}")
     table.add_column("point", overflow="fold")
     table.add_column("parameters", overflow="fold")
@@ -125,7 +127,10 @@ def _print_plan(spec, out_dir: Path) -> None:
         run_dir = layout.run_dir(point.name)
         state = "finished" if is_complete(run_dir) else "started" if has_started(run_dir) else "new"
         table.add_row(point.name, ", ".join(f"{k}={v}" for k, v in point.params.items()), state)
-    StdoutConsole().print(table)
+    out = StdoutConsole()
+    if not out.is_terminal:
+        out = StdoutConsole(width=250)
+    out.print(table)
 
 
 @app.command("query")

@@ -123,19 +123,10 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return diffs
 
 
-def prepare_sweep_dir(
-    spec: SweepSpec,
-    layout: SweepLayout,
-    points: list[SweepPoint],
-    config_dicts: dict[str, dict[str, Any]],
-    spec_text: str | None = None,
-) -> None:
-    """Check that existing run directories belong to these configs, then write manifest and sweep.yaml.
-
-    Raises:
-        ProtomemError: a point already in the directory was run with a different config (the sweep file
-            or the study defaults changed); its results are kept, so choose another --out.
-    """
+def check_existing_configs(
+    layout: SweepLayout, points: list[SweepPoint], config_dicts: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Refuse points whose run directory was started with another config; return the old manifest."""
     previous = read_manifest(layout)
     old_points = {p["name"]: p for p in previous["points"]} if previous else {}
     for point in points:
@@ -149,6 +140,23 @@ def prepare_sweep_dir(
                 "its results are kept: use another --out directory for the changed sweep",
                 path=layout.root,
             )
+    return previous
+
+
+def prepare_sweep_dir(
+    spec: SweepSpec,
+    layout: SweepLayout,
+    points: list[SweepPoint],
+    config_dicts: dict[str, dict[str, Any]],
+    spec_text: str | None = None,
+) -> None:
+    """Check that existing run directories belong to these configs, then write manifest and sweep.yaml.
+
+    Raises:
+        ProtomemError: a point already in the directory was run with a different config (the sweep file
+            or the study defaults changed); its results are kept, so choose another --out.
+    """
+    previous = check_existing_configs(layout, points, config_dicts)
     names = {p.name for p in points}
     retired = [p for p in (previous or {}).get("points", []) if p["name"] not in names]
     retired += [p for p in (previous or {}).get("retired_points", []) if p["name"] not in names]
