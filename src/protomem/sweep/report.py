@@ -94,6 +94,17 @@ def _distinct(frame: pd.DataFrame, column: str) -> list[Any]:
     return sorted(v for v in frame[column].dropna().unique())
 
 
+def _label_sizes(axis: Any, sizes: np.ndarray) -> None:
+    """Ticks of a log axis at the swept sizes, labelled as plain numbers (no crowded minor labels)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    values = np.unique(np.asarray(sizes, dtype=np.float64)[np.isfinite(sizes)])
+    axis.set_major_locator(FixedLocator(values))
+    axis.set_major_formatter(lambda value, _: f"{value:g}")
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _fmt_fit(fit: PowerLawFit | None) -> str:
     if fit is None:
         return "no fit (fewer than 2 training-set sizes with a finite τ)"
@@ -129,6 +140,7 @@ def figure_onsets_vs_size(onsets: pd.DataFrame, fits: dict[str, PowerLawFit | No
             ax.plot(grid, fit.predict(grid), color=color, lw=1.6, label=f"{label} fit: {_fmt_fit(fit)}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _label_sizes(ax.xaxis, sizes)
     ax.set_xlabel("training-set size P (strings)")
     ax.set_ylabel("training step")
     ax.set_title("Onset of memorization and of generalization vs P")
@@ -240,6 +252,7 @@ def figure_phase(checkpoints: pd.DataFrame, onsets: pd.DataFrame):
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _label_sizes(ax.yaxis, sizes)
     ax.set_xlabel("training step")
     ax.set_ylabel("training-set size P")
     ax.set_title("Generalization / memorization phase diagram")
