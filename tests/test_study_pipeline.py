@@ -283,3 +283,41 @@ def test_parallel_study_pools_conditions_and_renders(tmp_path, monkeypatch):
     runner.run_study(out, resume=True, progress=False)  # everything done: only pools and re-renders
     seen = render_report(out / "report.html", tmp_path / "study.png")
     assert seen["images"] == 3 and seen["images_loaded"] == 3
+
+
+STUDY_KILL_SCRIPT = """
+import sys
+from protomem.study import runner
+from protomem.study.config import apply_overrides
+from protomem.study.presets import StudyPreset
+from tests.test_study_pipeline import tiny_condition
+conditions = [apply_overrides(tiny_condition(), {"name": f"tiny-{i}", "grammar.seed": i}) for i in range(2)]
+runner.get_preset = lambda name: StudyPreset(name, "test", conditions)
+runner.run_study(sys.argv[1], preset="quick", progress=False, threads=1, jobs=2)
+"""
+
+
+@pytest.mark.slow
+def test_killed_parallel_study_leaves_no_orphans_and_resumes(tmp_path, monkeypatch):
+    from protomem.study import runner
+    from protomem.study.presets import StudyPreset
+
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", STUDY_KILL_SCRIPT, str(out)], env=env)
+    deadline = time.time() + 300
+    while not list(out.glob("conditions/*/evals/step_00000040.parquet")):
+        assert proc.poll() is None and time.time() < deadline, "the study ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # the workers notice their parent is gone within half a second
+    before = sorted(str(p) for p in out.rglob("*"))
+    time.sleep(3)
+    assert sorted(str(p) for p in out.rglob("*")) == before, "an orphaned worker is still writing"
+    conditions = [
+        apply_overrides(tiny_condition(), {"name": f"tiny-{i}", "grammar.seed": i}) for i in range(2)
+    ]
+    monkeypatch.setattr(runner, "get_preset", lambda name: StudyPreset(name, "test", conditions))
+    runner.run_study(out, resume=True, progress=False)
+    assert json.loads((out / "study.json").read_text())["status"] == "complete"

@@ -113,9 +113,27 @@ def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[
     return None
 
 
+_WATCHDOG: list[int] = []
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker thread: end this worker when the study process dies (e.g. killed), so that a resumed
+    study never runs beside an orphan writing into the same condition directory."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def _run_one(config: ConditionConfig, condition_dir: str) -> str:
     """Worker: one condition, quietly (the parent shows progress); resumes whatever is there."""
+    import threading
+
     import torch
+
+    if not _WATCHDOG:
+        _WATCHDOG.append(os.getppid())
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
     torch.set_num_threads(int(config.diffusion.threads or 1))
     path = Path(condition_dir)
