@@ -22,7 +22,7 @@ from machine import describe
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from protomem.diffusion import DiffusionConfig, build_process, count_parameters
+from protomem.diffusion import DiffusionConfig, count_parameters
 from protomem.diffusion.models import TreeUNet
 from protomem.diffusion.sampling import sample_tokens, seeded_generator
 from protomem.diffusion.trainer import Trainer, probe_threads
@@ -115,28 +115,49 @@ def train_flops(trainer: Trainer) -> float:
     return float(counter.get_total_flops())
 
 
-def time_training(trainer: Trainer, seconds: float) -> float:
-    """Seconds per optimizer step (median of timed blocks, after warm-up)."""
-    for k in range(3):
-        trainer.step(2 + k)
-    times, step = [], 10
-    budget_start = time.perf_counter()
-    while time.perf_counter() - budget_start < seconds or len(times) < 3:
-        start = time.perf_counter()
-        trainer.step(step)
-        times.append(time.perf_counter() - start)
+def time_training(trainers: dict[str, Trainer], seconds: float) -> dict[str, float]:
+    """Seconds per optimizer step of each trainer (median), timed in alternation so load drifts cancel."""
+    for trainer in trainers.values():
+        for k in range(3):
+            trainer.step(2 + k)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    step, budget_start = 10, time.perf_counter()
+    while time.perf_counter() - budget_start < seconds * len(trainers) or step < 13:
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.step(step)
+            times[name].append(time.perf_counter() - start)
         step += 1
-    times.sort()
-    return times[len(times) // 2]
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
-def time_sampling(model: nn.Module, config: DiffusionConfig, count: int, batch_size: int = 256) -> float:
-    """Sequences per second when drawing ``count`` sequences with T = 200 denoising steps."""
-    process = build_process(config)
-    sample_tokens(model, process, config, 8, seeded_generator(0), sampling_steps=3)
-    start = time.perf_counter()
-    sample_tokens(model, process, config, count, seeded_generator(1), batch_size=batch_size)
-    return count / (time.perf_counter() - start)
+def time_sampling(trainers: dict[str, Trainer], count: int, batch_size: int = 256) -> dict[str, float]:
+    """Sequences per second of each model drawing ``count`` sequences with T = 200 steps, in alternating
+    batches."""
+    elapsed = dict.fromkeys(trainers, 0.0)
+    for trainer in trainers.values():
+        config = trainer.config
+        sample_tokens(trainer.model, trainer.process, config, 8, seeded_generator(0), sampling_steps=3)
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        for name, trainer in trainers.items():
+            begin = time.perf_counter()
+            sample_tokens(
+                trainer.model, trainer.process, trainer.config, size, seeded_generator(start), batch_size=size
+            )
+            elapsed[name] += time.perf_counter() - begin
+    return {name: count / seconds for name, seconds in elapsed.items()}
+
+
+def conv_reference(config: DiffusionConfig, data: torch.Tensor) -> Trainer:
+    """A trainer whose model is the plain Conv1d tree U-Net (fp32), same weights, same process."""
+    trainer = Trainer(config.model_copy(update={"precision": "fp32"}), data, None)
+    reference = trainer.model
+    trainer.model = ConvTreeUNet(reference, config.branching)
+    check_same_function(reference, trainer.model)
+    trainer.optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=config.lr)
+    trainer.params = list(trainer.model.parameters())
+    return trainer
 
 
 def main() -> None:
@@ -146,17 +167,16 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    seconds = 0.5 if args.quick else 3.0
+    seconds = 0.5 if args.quick else 2.0
     print(describe(threads))
-    peak = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(f"matmul 1024^3: fp32 {peak['fp32']:.0f} GFLOP/s | bf16 {peak['bf16']:.0f} GFLOP/s")
     data = torch.randint(0, 8, (4096, 8), generator=torch.Generator().manual_seed(0))
     probe = probe_threads(config_for("tree_unet", 256, "fp32"), data, None)
     print(f"thread probe (tree U-Net width 256): {probe} thread(s) fastest right now")
+    print("peak = matmul 1024^3 GFLOP/s measured just before each model's timings (the load drifts)")
     print()
     header = (
-        f"{'model':<12}{'width':>6}{'params':>11}{'prec':>6}{'train seq/s':>13}{'GFLOP/s':>9}{'% peak':>8}"
-        f"{'vs conv':>9}{'sample seq/s':>14}{'vs conv':>9}"
+        f"{'model':<12}{'width':>6}{'params':>11}{'prec':>6}{'train seq/s':>13}{'GFLOP/s':>9}{'peak':>6}"
+        f"{'% peak':>8}{'vs conv':>9}{'sample seq/s':>14}{'vs conv':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -166,44 +186,38 @@ def main() -> None:
         sample_count = 1024 if (model_name, width) == ("tree_unet", 256) else (256 if width <= 256 else 64)
         if args.quick:
             sample_count //= 8
-        conv_train = conv_sample = None
-        for precision in ("fp32", "bf16"):
-            config = config_for(model_name, width, precision)
-            trainer = Trainer(config, data, None)
-            flops = train_flops(trainer)
-            step_seconds = time_training(trainer, seconds)
-            train_rate = BATCH / step_seconds
-            gflops = flops / step_seconds / 1e9
-            sample_rate = time_sampling(trainer.model, config, sample_count)
+        peak = {
+            "fp32": matmul_gflops(torch.float32, seconds=0.3),
+            "bf16": matmul_gflops(torch.bfloat16, seconds=0.3),
+        }
+        trainers = {p: Trainer(config_for(model_name, width, p), data, None) for p in ("fp32", "bf16")}
+        flops = train_flops(trainers["fp32"])
+        if model_name == "tree_unet":
+            trainers["conv"] = conv_reference(trainers["fp32"].config, data)
+        step_seconds = time_training(trainers, seconds)
+        sample_rates = time_sampling(trainers, sample_count)
+        for name in trainers:
+            precision = "fp32" if name == "conv" else name
+            label = "  conv ref" if name == "conv" else model_name
+            train_rate = BATCH / step_seconds[name]
+            gflops = flops / step_seconds[name] / 1e9
             ratio_train = ratio_sample = ""
-            if model_name == "tree_unet":
-                if conv_train is None:  # the reference: plain Conv1d, fp32, same weights, same process
-                    conv_trainer = Trainer(config.model_copy(update={"precision": "fp32"}), data, None)
-                    reference = conv_trainer.model
-                    conv_trainer.model = ConvTreeUNet(reference, config.branching)
-                    check_same_function(reference, conv_trainer.model)
-                    conv_trainer.optimizer = torch.optim.AdamW(conv_trainer.model.parameters(), lr=config.lr)
-                    conv_trainer.params = list(conv_trainer.model.parameters())
-                    conv_train = BATCH / time_training(conv_trainer, seconds)
-                    conv_sample = time_sampling(conv_trainer.model, conv_trainer.config, sample_count)
-                ratio_train = f"{train_rate / conv_train:.1f}x"
-                ratio_sample = f"{sample_rate / conv_sample:.1f}x"
+            if "conv" in trainers:
+                ratio_train = f"{step_seconds['conv'] / step_seconds[name]:.1f}x"
+                ratio_sample = f"{sample_rates[name] / sample_rates['conv']:.1f}x"
             print(
-                f"{model_name:<12}{width:>6}{count_parameters(trainer.model):>11,}{precision:>6}"
-                f"{train_rate:>13,.0f}{gflops:>9.0f}{100 * gflops / peak[precision]:>7.0f}%"
-                f"{ratio_train:>9}{sample_rate:>14,.0f}{ratio_sample:>9}",
+                f"{label:<12}{width:>6}{count_parameters(trainers[name].model):>11,}{precision:>6}"
+                f"{train_rate:>13,.0f}{gflops:>9.0f}{peak[precision]:>6.0f}"
+                f"{100 * gflops / peak[precision]:>7.0f}%"
+                f"{ratio_train:>9}{sample_rates[name]:>14,.0f}{ratio_sample:>9}",
                 flush=True,
-            )
-        if conv_train is not None:
-            print(
-                f"{'  conv ref':<12}{width:>6}{'':>11}{'fp32':>6}{conv_train:>13,.0f}{'':>9}{'':>8}"
-                f"{'1.0x':>9}{conv_sample:>14,.0f}{'1.0x':>9}"
             )
     print()
     scale = 8 if args.quick else 1
     print(
         f"sampling: {TIMESTEPS} steps, batches of 256; {1024 // scale} sequences for the tree U-Net at "
-        f"width 256, {256 // scale} for other widths <= 256, {64 // scale} above"
+        f"width 256, {256 // scale} for other widths <= 256, {64 // scale} above. "
+        "GFLOP/s: FlopCounterMode's count of one training step / the median step time."
     )
 
 
