@@ -35,7 +35,10 @@ def study(
         False, "--overwrite", help="Replace an existing, non-empty --out directory."
     ),
     threads: int = typer.Option(
-        None, "--threads", min=1, help="Torch threads (default: probe 1 vs all cores)."
+        None,
+        "--threads",
+        min=1,
+        help="Torch threads per condition (default 1, conditions in parallel; --jobs 1: probe).",
     ),
     jobs: int = typer.Option(
         None,
