@@ -194,6 +194,22 @@ def test_run_point_logs_attempts_and_resumes_a_started_run(tmp_path):
     assert pq_rows(run_dir / "metrics.parquet") == eval_steps(config).size
 
 
+def test_an_interrupted_point_is_incomplete_not_failed(tmp_path):
+    from protomem.sweep.gather import point_status
+
+    def interrupted(config, out_dir, **kwargs):
+        fake_run_condition(config.model_copy(update={"n_evals": 3}), out_dir, **kwargs)
+        (Path(out_dir) / "summary.json").unlink()  # as if stopped before the analysis finished
+        raise KeyboardInterrupt
+
+    run_dir, log = tmp_path / "run", tmp_path / "attempts.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run_point(interrupted, FakeCondition(), str(run_dir), str(log), 1)
+    events = read_attempts(log)
+    assert [e["event"] for e in events] == ["start", "interrupted"]
+    assert point_status(run_dir, events, None) == "incomplete"
+
+
 def pq_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 

@@ -94,6 +94,9 @@ def run_point(
     start = time.perf_counter()
     try:
         runner(config, path, resume=resume, overwrite=restart, progress=False)
+    except (KeyboardInterrupt, SystemExit):  # the sweep was stopped (Ctrl-C, Ray shutting down)
+        append_attempt(log, "interrupted", attempt=attempt)
+        raise
     except BaseException as exc:
         append_attempt(
             log,
