@@ -273,6 +273,7 @@ def run_image_study(
                 if eval_steps and step == eval_steps[0]:
                     eval_steps.pop(0)
                     if step not in done_steps:
+                        bar.update(task, description=f"sampling and auditing at step {step}")
                         evals.append(
                             _evaluate(
                                 model,
@@ -287,6 +288,7 @@ def run_image_study(
                             )
                         )
                         write_text_atomic(run / "evals.json", json.dumps(evals))
+                        bar.update(task, description="training steps")
                     _save_checkpoint(run, model, optimizer, generator, step, losses)
         summary = analyse(run, settings, evals, train01, dataset_index, labels, all_digits, losses)
         summary["seconds"] = time.perf_counter() - started
