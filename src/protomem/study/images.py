@@ -368,11 +368,16 @@ def _biased(main: dict, bias: dict) -> bool:
 
 
 def image_verdict(statistics: dict, bias_stats: dict, sigma: float, n: int, settings) -> tuple[str, str]:
-    """The verdict sentence and the criterion it rests on: the first criterion (d1/d2, then L2) whose
-    detector check shows no bias in the direction of its result; the other criterion is reported too."""
+    """The verdict sentence and the criterion it rests on: the criterion whose detector check shows the
+    weaker density bias (smaller |rho| of a uniform copier's flag probability with density) leads; the
+    other is reported after it, marked when its bias points the way of its result."""
     order = ["ratio", "l2"]
-    clean = [c for c in order if not _biased(statistics[f"{c}:density_train"], bias_stats[c])]
-    headline = clean[0] if clean else "ratio"
+
+    def bias_size(criterion: str) -> float:
+        rho = bias_stats[criterion]["rho"]
+        return abs(rho) if np.isfinite(rho) else np.inf
+
+    headline = min(order, key=bias_size)
     parts = []
     for criterion in [headline] + [c for c in order if c != headline]:
         main, bias = statistics[f"{criterion}:density_train"], bias_stats[criterion]
