@@ -611,8 +611,6 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     ax1.set_xscale("log")
     ax1.set_xlabel("training step")
     ax1.set_ylabel("training loss (mean of last 100 steps)")
-    for ax in (ax1, ax2):
-        ax.xaxis.set_minor_formatter(NullFormatter())
     for flag, label in (
         ("frac_ratio", "d1/d2 < 1/3"),
         ("frac_l2", "L2"),
@@ -623,14 +621,19 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     ax2.set_xscale("log")
     ax2.set_xlabel("training step")
     ax2.set_ylabel("fraction of samples flagged as copies")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax2.legend(fontsize=8)
     figures.append(("Training loss and copies among the samples", figure_img(fig, "loss and copy fraction")))
 
     steps = metrics["step"].to_numpy()
+    headline = summary.get("headline_criterion", "ratio")
+    first_column = f"first_memorized_{headline}"
+    criterion_name = CRITERION_NAMES[headline]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     quartile = pd.qcut(per_example["density_train"], 4, labels=False, duplicates="drop")
     for q in sorted(quartile.unique()):
-        first = per_example.loc[quartile == q, "first_memorized_ratio"].to_numpy()
+        first = per_example.loc[quartile == q, first_column].to_numpy()
         alive = [(~(first <= s)).mean() for s in steps]
         name = {0: "Q1 (densest)", 3: "Q4 (most isolated)"}.get(int(q), f"Q{int(q) + 1}")
         ax1.step(steps, alive, where="post", label=name)
@@ -639,12 +642,10 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     ax1.set_xlabel("training step")
     ax1.set_ylabel("fraction not yet memorized")
     ax1.legend(fontsize=8)
-    ax1.set_title("Survival by density quartile")
-    never = per_example["first_memorized_ratio"].isna()
+    ax1.set_title(f"Survival by density quartile ({criterion_name})")
+    never = per_example[first_column].isna()
     ceiling = steps.max() * 1.6 if len(steps) else 1
-    ax2.scatter(
-        per_example.loc[~never, "density_train"], per_example.loc[~never, "first_memorized_ratio"], s=14
-    )
+    ax2.scatter(per_example.loc[~never, "density_train"], per_example.loc[~never, first_column], s=14)
     ax2.scatter(
         per_example.loc[never, "density_train"],
         np.full(never.sum(), ceiling),
@@ -670,15 +671,15 @@ def write_image_study_report(run: Path, summary: dict) -> None:
         )
         figures.append((f"Samples at step {e['step']}", figure_img(fig, f"samples at step {e['step']}")))
 
-    order = per_example.sort_values(["first_memorized_ratio", "density_train"], na_position="last")
+    order = per_example.sort_values([first_column, "density_train"], na_position="last")
     first_rows = order.head(8)
     fig = _digit_strip(
         train[first_rows["train_index"]],
         [
             f"step {s:g}\nd={d:.2f}" if np.isfinite(s) else f"never\nd={d:.2f}"
-            for s, d in zip(first_rows["first_memorized_ratio"], first_rows["density_train"], strict=True)
+            for s, d in zip(first_rows[first_column], first_rows["density_train"], strict=True)
         ],
-        "memorized first",
+        f"memorized first ({criterion_name})",
     )
     figures.append(("The training digits memorized first", figure_img(fig, "first memorized digits")))
     never_rows = per_example[never].sort_values("density_train").tail(8)
