@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 MEMORIZE = dict(vocab_size=8, seq_len=8, width=256, steps=4000, batch_size=64, lr=2e-3, lr_schedule="cosine",
                 warmup_steps=100, ema_decay=0.999, timesteps=200, eval_steps=[2000], eval_samples=256,
-                threads=1)  # fmt: skip
+                threads=1, precision="fp32")  # fmt: skip
 GENERALIZE = dict(MEMORIZE, steps=12000, lr=1e-3, lr_schedule="constant", eval_steps=[3000, 6000])
 
 

@@ -73,7 +73,9 @@ class DiffusionConfig(BaseModel):
     )
     # machine
     threads: int | None = Field(None, ge=1, description="Torch threads; None = probe 1 vs all cores.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast the matmuls to bfloat16.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 = autocast matmuls to bfloat16; auto = bf16 where the CPU does it natively."
+    )
     # checkpoints and logging
     checkpoint_every: int | None = Field(
         None,
@@ -134,11 +136,31 @@ class DiffusionConfig(BaseModel):
         steps.add(self.steps)
         return sorted(s for s in steps if 1 <= s <= self.steps)
 
+    def resolved_precision(self) -> str:
+        """'bf16' or 'fp32': auto picks bf16 when the CPU has native bfloat16 matmuls (AVX512-BF16 / AMX).
+
+        On such a CPU bf16 autocast trains ~1.5x faster and gave the same memorization curve as fp32 in a
+        paired run (README); elsewhere bf16 is emulated and slow, so auto falls back to fp32.
+        """
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if native_bf16() else "fp32"
+
     def resolved_log_every(self) -> int:
         return self.log_every if self.log_every is not None else max(1, self.steps // 200)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check; imports torch)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def tree_depth(seq_len: int, branching: int) -> int | None:

@@ -62,7 +62,7 @@ def sample_tokens(
     model.eval()
     out = []
     try:
-        with torch.inference_mode(), precision_context(config.precision):
+        with torch.inference_mode(), precision_context(config.resolved_precision()):
             for start in range(0, count, batch_size):
                 stop = min(count, start + batch_size)
                 batch_classes = None if class_tensor is None else class_tensor[start:stop]

@@ -143,7 +143,7 @@ class Trainer:
         lr = learning_rate(config, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with precision_context(config.precision):
+        with precision_context(config.resolved_precision()):
             loss = self.process.loss(self.model, x0, classes, generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
