@@ -11,7 +11,9 @@ the masked process. ``t`` is the diffusion time as a fraction of the way to pure
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,24 @@ class ResidualMLP(nn.Module):
         return h + self.fc2(F.gelu(self.fc1(self.norm(h + cond[:, None, :]))))
 
 
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Promise that ``model``'s weights do not change inside the block (e.g. while sampling).
+
+    Tree U-Nets then fold each level's up-path merge into its transposed convolution once and reuse it
+    for every forward pass of the block (same function, one matmul fewer). The folds are discarded on
+    exit: weight versions cannot be trusted to detect updates (fused AdamW does not bump them).
+    """
+    nets = [module for module in model.modules() if isinstance(module, TreeUNet)]
+    for net in nets:
+        net._fused_cache = {}
+    try:
+        yield
+    finally:
+        for net in nets:
+            net._fused_cache = None
+
+
 class TreeUNet(nn.Module):
     """U-Net over the s-ary tree of a length-s^L sequence.
 
@@ -135,7 +155,8 @@ class TreeUNet(nn.Module):
         # so inference can fold the up-path half into the transposed convolution (see _fused_up).
         self.merge_up = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth))
         self.merge_skip = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self._fused_cache: dict[int, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        # Folded up-path weights, per level; only kept inside `frozen_weights(model)` (see there).
+        self._fused_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.up_norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.down_blocks = nn.ModuleList(
             nn.ModuleList(ResidualMLP(width) for _ in range(blocks_per_level)) for _ in range(depth)
@@ -147,21 +168,22 @@ class TreeUNet(nn.Module):
         self.head = nn.Linear(width, vocab_size)
 
     def _fused_up(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight (s*W, W) and bias (s*W,) of x -> merge_up(up(x)) per child, cached per weight version.
+        """Weight (s*W, W) and bias (s*W,) of x -> merge_up(up(x)) per child, cached per level.
 
         With U_j, c_j the transposed conv's weight/bias for child j and A the merge's up-path half:
-        child j = A (U_j x + c_j) = (A U_j) x + A c_j.
+        child j = A (U_j x + c_j) = (A U_j) x + A c_j. Only called inside :func:`frozen_weights`, which
+        empties the cache on entry and drops it on exit, so a cached fold can never outlive its weights.
         """
-        up, merge = self.up[level].linear, self.merge_up[level]
-        key = tuple((p.data_ptr(), p._version) for p in (up.weight, up.bias, merge.weight))
+        assert self._fused_cache is not None
         cached = self._fused_cache.get(level)
-        if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+        if cached is not None:
+            return cached
+        up, merge = self.up[level].linear, self.merge_up[level]
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             s, w = self.up[level].stride, merge.weight.shape[0]
             weight = torch.matmul(merge.weight, up.weight.reshape(s, w, -1)).reshape(s * w, -1)
             bias = torch.matmul(up.bias.reshape(s, w), merge.weight.T).reshape(s * w)
-        self._fused_cache[level] = (key, weight, bias)
+        self._fused_cache[level] = (weight, bias)
         return weight, bias
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +195,7 @@ class TreeUNet(nn.Module):
                 h = block(h, cond[:, 0])
             skips.append(h)
             h = F.gelu(self.down_norm[level](self.down[level](h) + cond))  # (B, n/s, W)
-        fuse = not torch.is_grad_enabled()
+        fuse = self._fused_cache is not None and not torch.is_grad_enabled()
         for level in reversed(range(self.depth)):
             if fuse:  # same function, one matmul fewer: merge_up(up(h)) as a single transposed conv
                 b, n, w = h.shape

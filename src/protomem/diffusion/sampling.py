@@ -11,6 +11,7 @@ from torch import nn
 
 from protomem.diffusion.checkpoint import LoadedCheckpoint
 from protomem.diffusion.config import DiffusionConfig
+from protomem.diffusion.models import frozen_weights
 from protomem.diffusion.processes import NoiseProcess
 from protomem.errors import ProtomemError
 
@@ -62,7 +63,7 @@ def sample_tokens(
     model.eval()
     out = []
     try:
-        with torch.inference_mode(), precision_context(config.resolved_precision()):
+        with torch.inference_mode(), precision_context(config.resolved_precision()), frozen_weights(model):
             for start in range(0, count, batch_size):
                 stop = min(count, start + batch_size)
                 batch_classes = None if class_tensor is None else class_tensor[start:stop]

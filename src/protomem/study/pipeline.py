@@ -199,9 +199,8 @@ def run_condition(
     timings["setup"] = time.perf_counter() - clock
 
     def on_eval(step: int, _samples: np.ndarray, info: dict[str, Any]) -> None:
-        # Sample from the checkpoint just written, in a fresh model: the trainer's in-place sampler can
-        # reuse fused weights cached before the optimizer's (fused AdamW) update, so its samples after
-        # the first evaluation may not come from the current weights.
+        # Sample from the checkpoint just written, through the same load_checkpoint + generate path that
+        # `protomem sample` and the finer-sampler check use, so every sample can be regenerated later.
         samples = _sample_checkpoint(out_dir, step, config.evaluation.n_samples, None, config.diffusion.seed)
         result = classify_samples(grammar, data.tokens, samples)
         columns = _samples_columns(step, "train", samples, result)
