@@ -114,6 +114,30 @@ def _check_int(value: object, path: object, where: str) -> int:
     return int(value)
 
 
+def jsonl_records(path: str | os.PathLike, field: str, kind: type) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, record) for every non-blank line of a JSON-lines file.
+
+    Every record must be an object whose ``field`` is of type ``kind``; otherwise a
+    :class:`ProtomemError` names the file and the line.
+    """
+    noun = {list: "list", str: "string"}.get(kind, kind.__name__)
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProtomemError(
+                    f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), kind):
+                raise ProtomemError(
+                    f"expected an object with a {field!r} {noun}", path=path, where=f"line {number}"
+                )
+            yield number, record
+
+
 def read_strings(
     path: str | os.PathLike,
     vocab_size: int | None = None,
@@ -157,36 +181,23 @@ def read_strings(
             if row is None:
                 raise ProtomemError("tokens is null", path=path, where=f"row {i}")
     elif fmt == "jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for i, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ProtomemError(f"malformed JSON ({exc.msg})", path=path, where=f"line {i}") from None
-                if not isinstance(record, dict) or "tokens" not in record:
-                    raise ProtomemError(
-                        "expected an object with a 'tokens' list", path=path, where=f"line {i}"
-                    )
-                tokens = record["tokens"]
-                if not isinstance(tokens, list):
-                    raise ProtomemError("'tokens' must be a list of integers", path=path, where=f"line {i}")
-                rows.append([_check_int(t, path, f"line {i}") for t in tokens])
-                if "class" in record:
-                    has_class = True
-                    c = record["class"]
-                    classes.append(None if c is None else _check_int(c, path, f"line {i} field 'class'"))
-                else:
-                    classes.append(None)
-                if "logprob" in record:
-                    has_logprob = True
-                    lp = record["logprob"]
-                    if lp is not None and not isinstance(lp, (int, float)):
-                        raise ProtomemError("'logprob' must be a number", path=path, where=f"line {i}")
-                    logprobs.append(lp)
-                else:
-                    logprobs.append(None)
+        for i, record in jsonl_records(path, "tokens", list):
+            tokens = record["tokens"]
+            rows.append([_check_int(t, path, f"line {i}") for t in tokens])
+            if "class" in record:
+                has_class = True
+                c = record["class"]
+                classes.append(None if c is None else _check_int(c, path, f"line {i} field 'class'"))
+            else:
+                classes.append(None)
+            if "logprob" in record:
+                has_logprob = True
+                lp = record["logprob"]
+                if lp is not None and not isinstance(lp, (int, float)):
+                    raise ProtomemError("'logprob' must be a number", path=path, where=f"line {i}")
+                logprobs.append(lp)
+            else:
+                logprobs.append(None)
     else:
         with open(path, encoding="utf-8") as handle:
             for i, line in enumerate(handle, start=1):

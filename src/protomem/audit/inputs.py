@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from protomem.errors import ProtomemError
+from protomem.io import jsonl_records
 
 MODALITIES = ("sequences", "text", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -122,25 +123,16 @@ def read_sequences(path: str | Path) -> list[np.ndarray]:
         numbers = list(range(1, len(rows) + 1))
     else:
         numbers = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if suffix in (".jsonl", ".json", ".ndjson"):
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ProtomemError(
-                            f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
-                        ) from None
-                    if not isinstance(record, dict) or not isinstance(record.get("tokens"), list):
-                        raise ProtomemError(
-                            "expected an object with a 'tokens' list", path=path, where=f"line {number}"
-                        )
-                    rows.append(record["tokens"])
-                else:
-                    rows.append(line.split())
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            for number, record in jsonl_records(path, "tokens", list):
+                rows.append(record["tokens"])
                 numbers.append(number)
+        else:
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        rows.append(line.split())
+                        numbers.append(number)
     if not rows:
         raise ProtomemError("no sequences in file", path=path)
     out = []
@@ -191,21 +183,7 @@ def read_documents(path: str | Path) -> list[str]:
                 f"not a readable Parquet file with a 'text' column ({exc})", path=path
             ) from None
     elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ProtomemError(
-                        f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
-                    ) from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ProtomemError(
-                        "expected an object with a 'text' string", path=path, where=f"line {number}"
-                    )
-                docs.append(record["text"])
+        docs = [record["text"] for _, record in jsonl_records(path, "text", str)]
     else:
         try:
             with open(path, encoding="utf-8") as handle:
