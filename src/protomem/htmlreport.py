@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 from typing import Any
 
@@ -40,6 +41,17 @@ def figure_img(fig: plt.Figure, alt: str, dpi: int = 110) -> Markup:
     """An ``<img>`` element with the figure inlined, ready to drop into a template."""
     alt_text = jinja2.utils.markupsafe.escape(alt)
     return Markup(f'<img class="figure" alt="{alt_text}" src="{figure_data_uri(fig, dpi)}">')
+
+
+def format_number(value: Any, digits: int = 3) -> str:
+    """A table cell: ``digits`` significant digits for floats, an en dash for None or NaN."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.{digits}g}"
+    return str(value)
 
 
 def render_page(template: str, out_path: str | os.PathLike, **context: Any) -> None:

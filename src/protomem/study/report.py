@@ -16,6 +16,7 @@ import pandas as pd
 
 from protomem.errors import ProtomemError
 from protomem.grammar import load_grammar
+from protomem.htmlreport import format_number
 
 STUDY_FILE = "study.json"
 
@@ -43,16 +44,6 @@ def _version() -> str:
     import protomem
 
     return str(getattr(protomem, "__version__", ""))
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if np.isnan(value):
-            return "–"
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None = None) -> Path:
@@ -124,23 +115,23 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
     level_rows = [
         {
             "label": f"level {lv} ({s ** (depth - lv)}-token blocks)",
-            "observed": _fmt(float(metrics[f"frac_block_copy_l{lv}"].iloc[-1])),
-            "chance": _fmt(float(metrics[f"chance_block_copy_l{lv}"].iloc[0])),
-            "slop": _fmt(float(metrics[f"slop_slope_l{lv}"].iloc[-1])),
-            "grammar_slope": _fmt(float(metrics[f"grammar_slope_l{lv}"].iloc[-1])),
+            "observed": format_number(float(metrics[f"frac_block_copy_l{lv}"].iloc[-1])),
+            "chance": format_number(float(metrics[f"chance_block_copy_l{lv}"].iloc[0])),
+            "slop": format_number(float(metrics[f"slop_slope_l{lv}"].iloc[-1])),
+            "grammar_slope": format_number(float(metrics[f"grammar_slope_l{lv}"].iloc[-1])),
         }
         for lv in range(depth)
     ]
     correlation_rows = [
         {
             "name": name,
-            "rho": _fmt(c["rho"], 2),
-            "ci": f"[{_fmt(c['ci_low'], 2)}, {_fmt(c['ci_high'], 2)}]",
-            "p_perm": _fmt(c["p_permutation"]),
-            "null_grammar": _fmt(c.get("null_mean_grammar"), 2),
-            "p_grammar": _fmt(c.get("p_grammar")),
-            "null_calibrated": _fmt(c.get("null_mean_calibrated"), 2),
-            "p_calibrated": _fmt(c.get("p_calibrated")),
+            "rho": format_number(c["rho"], 2),
+            "ci": f"[{format_number(c['ci_low'], 2)}, {format_number(c['ci_high'], 2)}]",
+            "p_perm": format_number(c["p_permutation"]),
+            "null_grammar": format_number(c.get("null_mean_grammar"), 2),
+            "p_grammar": format_number(c.get("p_grammar")),
+            "null_calibrated": format_number(c.get("null_mean_calibrated"), 2),
+            "p_calibrated": format_number(c.get("p_calibrated")),
             "direction": c.get("direction", ""),
         }
         for name, c in correlations.items()
@@ -157,7 +148,7 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
         correlation_rows=correlation_rows,
         metric_rows=metric_rows,
         depth=depth,
-        fmt=_fmt,
+        fmt=format_number,
         positive=summary["verdict"].startswith("Prototypical"),
         protomem_version=_version(),
     )
@@ -219,7 +210,7 @@ def render_study_report(study_dir: str | Path) -> Path:
         rows=rows,
         figs=figs,
         survival=survival,
-        fmt=_fmt,
+        fmt=format_number,
         positive=study["verdict"].startswith("Prototypical"),
         protomem_version=_version(),
     )

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from protomem.errors import ProtomemError
+from protomem.htmlreport import format_number
 from protomem.sweep.layout import SweepLayout, require_sweep_dir
 from protomem.sweep.onsets import (
     DEFAULT_GEN_THRESHOLD,
@@ -372,16 +373,6 @@ def figure_correlation(onsets: pd.DataFrame, columns: tuple[str, str | None, str
     return fig
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
 def build_report(
     sweep_dir: str | os.PathLike,
     out_path: str | os.PathLike | None = None,
@@ -433,9 +424,12 @@ def build_report(
     table_rows = []
     by_name = onsets.set_index("point") if not onsets.empty else None
     for _, row in points.iterrows():
-        cells = [_fmt(row.get(c)) for c in shown]
+        cells = [format_number(row.get(c)) for c in shown]
         if by_name is not None and row["point"] in by_name.index:
-            cells += [_fmt(by_name.loc[row["point"], "tau_mem"]), _fmt(by_name.loc[row["point"], "tau_gen"])]
+            cells += [
+                format_number(by_name.loc[row["point"], "tau_mem"]),
+                format_number(by_name.loc[row["point"], "tau_gen"]),
+            ]
         else:
             cells += ["–", "–"]
         table_rows.append(cells)
@@ -478,11 +472,11 @@ def build_report(
             "rows": [
                 [
                     r["levels"],
-                    _fmt(r["zipf_exponent"]),
+                    format_number(r["zipf_exponent"]),
                     r["runs"],
                     r["not_reached"],
-                    _fmt(r["tau_mem"]),
-                    _fmt(r["delay_vs_uniform"]),
+                    format_number(r["tau_mem"]),
+                    format_number(r["delay_vs_uniform"]),
                 ]
                 for _, r in table.sort_values(["levels", "zipf_exponent"]).iterrows()
             ],
