@@ -78,6 +78,30 @@ def new_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def is_non_empty_dir(path: str | os.PathLike) -> bool:
+    """True for an existing directory with anything in it; a non-directory at ``path`` is an error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ProtomemError("exists and is not a directory", path=path)
+    return path.is_dir() and any(path.iterdir())
+
+
+def start_fresh_run_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """Create an empty run directory for a resumable run (written in place, so not staged).
+
+    A non-empty ``path`` is refused unless ``overwrite``, which deletes it first.
+    """
+    path = Path(path)
+    if is_non_empty_dir(path):
+        if not overwrite:
+            raise ProtomemError(
+                "run directory exists and is not empty (pass --resume to continue it or --overwrite)",
+                path=path,
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
 @dataclass
 class StringTable:
     """Token strings with optional per-string class and log-probability.

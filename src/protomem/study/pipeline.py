@@ -35,7 +35,14 @@ import yaml
 
 from protomem.errors import ProtomemError
 from protomem.grammar import RHM, load_grammar, sample_distinct_strings, sample_grammar, save_grammar
-from protomem.io import atomic_path, write_json_atomic, write_strings, write_text_atomic
+from protomem.io import (
+    atomic_path,
+    is_non_empty_dir,
+    start_fresh_run_dir,
+    write_json_atomic,
+    write_strings,
+    write_text_atomic,
+)
 from protomem.memorization.hierarchy import Classification, classify_samples
 from protomem.study.config import ConditionConfig, condition_from_dict
 
@@ -104,29 +111,22 @@ def build_grammar(config: ConditionConfig) -> RHM:
 
 
 def _prepare_dir(config: ConditionConfig, out_dir: Path, resume: bool, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ProtomemError("exists and is not a directory", path=out_dir)
-    non_empty = out_dir.is_dir() and any(out_dir.iterdir())
-    if non_empty and resume and not (out_dir / "config.yaml").is_file():
+    if not (resume and is_non_empty_dir(out_dir)):
+        start_fresh_run_dir(out_dir, overwrite)
+        return
+    if not (out_dir / "config.yaml").is_file():
         # killed before anything but the deterministic grammar / training set was written: start afresh
         shutil.rmtree(out_dir)
-    elif non_empty and resume:
-        saved = load_condition_config(out_dir).model_dump(mode="json")
-        mine = config.model_dump(mode="json")
-        saved["diffusion"].pop("threads", None)
-        mine["diffusion"].pop("threads", None)
-        if saved != mine:
-            raise ProtomemError(
-                "the run directory holds a different condition; resume it with its own config", path=out_dir
-            )
-    elif non_empty and not overwrite:
+        out_dir.mkdir(parents=True)
+        return
+    saved = load_condition_config(out_dir).model_dump(mode="json")
+    mine = config.model_dump(mode="json")
+    saved["diffusion"].pop("threads", None)
+    mine["diffusion"].pop("threads", None)
+    if saved != mine:
         raise ProtomemError(
-            "run directory exists and is not empty (pass --resume to continue it or --overwrite)",
-            path=out_dir,
+            "the run directory holds a different condition; resume it with its own config", path=out_dir
         )
-    elif non_empty:
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _samples_columns(step: int, sampler: str, samples: np.ndarray, result: Classification) -> dict[str, Any]:

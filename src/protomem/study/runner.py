@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from protomem.errors import ProtomemError
-from protomem.io import write_json_atomic
+from protomem.io import is_non_empty_dir, start_fresh_run_dir, write_json_atomic
 from protomem.study import stats
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
@@ -94,23 +93,12 @@ def study_verdict(pooled: dict[str, dict[str, float]], score: str, alpha: float)
 
 
 def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ProtomemError("exists and is not a directory", path=out_dir)
-    non_empty = out_dir.is_dir() and any(out_dir.iterdir())
-    if resume:
-        if not (out_dir / STUDY_FILE).is_file():
-            raise ProtomemError("nothing to resume: not a study run directory (no study.json)", path=out_dir)
-        doc = json.loads((out_dir / STUDY_FILE).read_text())
-        return doc
-    if non_empty and not overwrite:
-        raise ProtomemError(
-            "run directory exists and is not empty (pass --resume to continue it or --overwrite)",
-            path=out_dir,
-        )
-    if non_empty:
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return None
+    if not resume:
+        start_fresh_run_dir(out_dir, overwrite)
+        return None
+    if not is_non_empty_dir(out_dir) or not (out_dir / STUDY_FILE).is_file():
+        raise ProtomemError("nothing to resume: not a study run directory (no study.json)", path=out_dir)
+    return json.loads((out_dir / STUDY_FILE).read_text())
 
 
 _WATCHDOG: list[int] = []
