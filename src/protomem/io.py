@@ -138,28 +138,32 @@ def _check_int(value: object, path: object, where: str) -> int:
     return int(value)
 
 
-def jsonl_records(path: str | os.PathLike, field: str, kind: type) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, record) for every non-blank line of a JSON-lines file.
+def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """Yield (1-based line number, parsed value) for every non-blank line of a JSON-lines file.
 
-    Every record must be an object whose ``field`` is of type ``kind``; otherwise a
-    :class:`ProtomemError` names the file and the line.
+    A line that is not valid JSON is a :class:`ProtomemError` naming the file and the line.
     """
-    noun = {list: "list", str: "string"}.get(kind, kind.__name__)
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ProtomemError(
                     f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
                 ) from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), kind):
-                raise ProtomemError(
-                    f"expected an object with a {field!r} {noun}", path=path, where=f"line {number}"
-                )
-            yield number, record
+
+
+def jsonl_records(path: str | os.PathLike, field: str, kind: type) -> Iterator[tuple[int, dict]]:
+    """Like :func:`jsonl_objects`, but every record must be an object whose ``field`` is a ``kind``."""
+    noun = {list: "list", str: "string"}.get(kind, kind.__name__)
+    for number, record in jsonl_objects(path):
+        if not isinstance(record, dict) or not isinstance(record.get(field), kind):
+            raise ProtomemError(
+                f"expected an object with a {field!r} {noun}", path=path, where=f"line {number}"
+            )
+        yield number, record
 
 
 def read_strings(

@@ -16,7 +16,6 @@ resized, bilinear, to the training set's first image size).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from protomem.errors import ProtomemError
-from protomem.io import jsonl_records
+from protomem.io import jsonl_objects, jsonl_records
 
 MODALITIES = ("sequences", "text", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -64,24 +63,14 @@ def detect_modality(path: str | Path) -> str:
             return "text"
         raise ProtomemError("Parquet file has neither a 'tokens' nor a 'text' column", path=path)
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ProtomemError(
-                            f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
-                        ) from None
-                    if isinstance(record, dict) and "tokens" in record:
-                        return "sequences"
-                    if isinstance(record, dict) and "text" in record:
-                        return "text"
-                    raise ProtomemError(
-                        "expected objects with a 'tokens' or a 'text' field",
-                        path=path,
-                        where=f"line {number}",
-                    )
+        for number, record in jsonl_objects(path):  # the first record decides
+            if isinstance(record, dict) and "tokens" in record:
+                return "sequences"
+            if isinstance(record, dict) and "text" in record:
+                return "text"
+            raise ProtomemError(
+                "expected objects with a 'tokens' or a 'text' field", path=path, where=f"line {number}"
+            )
         raise ProtomemError("empty file", path=path)
     if suffix in (".txt", ".text", ".tokens", ""):
         seen = 0
