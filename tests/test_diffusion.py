@@ -166,21 +166,53 @@ def test_tree_unet_parameter_count_matches_the_reference_layout():
     assert big == 18 * 256 * 256
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_inference_path_computes_the_training_function(precision):
-    config = small_config(width=48, n_classes=3, precision=precision)
-    net = build_model(config, 8)
-    x, t, c = torch.randint(0, 8, (6, 8)), torch.rand(6), torch.tensor([0, 1, 2, 0, 1, 2])
+@pytest.mark.parametrize(
+    ("precision", "n_classes", "blocks", "n_input_tokens", "same_time"),
+    [
+        ("fp32", 3, 0, 8, False),  # all folds; per-row conditioning
+        ("bf16", 3, 0, 8, False),
+        ("fp32", 0, 0, 9, True),  # masked-process vocabulary; one time for the batch: shared conditioning
+        ("fp32", 0, 1, 8, True),  # residual blocks at level 0: no table fold, up folds only
+    ],
+)
+def test_fused_inference_path_computes_the_training_function(
+    precision, n_classes, blocks, n_input_tokens, same_time
+):
+    config = small_config(width=48, n_classes=n_classes, precision=precision, blocks_per_level=blocks)
+    net = build_model(config, n_input_tokens)
+    x = torch.randint(0, n_input_tokens, (6, 8))
+    t = torch.full((6,), 0.3) if same_time else torch.rand(6)
+    c = torch.tensor([0, 1, 2, 0, 1, 2]) if n_classes else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         training_path = net(x, t, c)
         with torch.no_grad(), frozen_weights(net):
             fused = net(x, t, c)
-            assert net._fused_cache  # the fold was computed and kept inside the block
+            assert ("down_table" in net._fused_cache) == (blocks == 0)  # the folds were kept in the block
             again = net(x, t, c)
         assert net._fused_cache is None
     tolerance = 1e-4 if precision == "fp32" else 0.1
     torch.testing.assert_close(fused, training_path.detach(), rtol=tolerance, atol=tolerance)
     assert torch.equal(again, fused)
+
+
+@pytest.mark.parametrize("vocab_size", [8, 300])
+def test_level0_tables_compute_the_plain_network_and_its_gradients(vocab_size):
+    """Level 0 by table lookups is the embedding + convolution + skip merge, values and gradients."""
+    config = small_config(vocab_size=vocab_size, width=48)
+    net = build_model(config, vocab_size)
+    x, t = torch.randint(0, vocab_size, (6, 8)), torch.rand(6)
+    assert net._uses_tables(x) == (vocab_size == 8)  # 300 tokens: tables larger than the batch's matmul
+    outputs, grads = [], []
+    for tables in (True, False):
+        net._uses_tables = lambda x, tables=tables: tables
+        net.zero_grad()
+        out = net(x, t)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append({name: p.grad.clone() for name, p in net.named_parameters()})
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_sampling_after_a_fused_adamw_step_uses_the_new_weights():
