@@ -87,9 +87,29 @@ def test_spearman_test_detects_monotone_and_not_noise() -> None:
 # -------------------------------------------------------------------------------------------------- images
 
 
+def crop_and_enlarge(images: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
+    """Cut a side x side window at (top, left) and enlarge it back to full size (scipy's linear zoom)."""
+    from scipy import ndimage
+
+    size = images.shape[1]
+    window = images[:, top : top + side, left : left + side]
+    return np.clip(ndimage.zoom(window, (1, size / side, size / side, 1), order=1), 0, 1).astype(np.float32)
+
+
+def test_area_resize_inverts_block_enlargement_and_keeps_the_mean() -> None:
+    rng = np.random.default_rng(0)
+    small = rng.uniform(size=(3, 6, 5, 2)).astype(np.float32)
+    big = np.repeat(np.repeat(small, 3, axis=1), 3, axis=2)  # every pixel a 3 x 3 block
+    np.testing.assert_allclose(near.resize_images(big, 6, 5), small, rtol=1e-5, atol=1e-6)
+    odd = near.resize_images(big, 7, 4)  # non-integer factors: weights still sum to one per pixel
+    np.testing.assert_allclose(odd.mean(axis=(1, 2)), big.mean(axis=(1, 2)), rtol=1e-4)
+    assert near.crop_sizes(32, 32, 0.25) == [(h, h) for h in range(24, 32)]
+
+
 def test_images_planted_copies_are_flagged_by_the_right_criteria() -> None:
     train = smooth_images(400, 32, seed=0)
-    config = AuditConfig(max_shift=2)
+    config = AuditConfig(max_shift=2, max_crop=0.25)
+    boxes = [(0, 0, 24), (8, 8, 24), (3, 5, 26), (4, 1, 28), (2, 2, 30)]  # (top, left, side) per crop
     rng = np.random.default_rng(1)
     sigma = config.l2_threshold / 4  # well inside the L2 threshold, far from an exact copy
     planted = {
@@ -97,9 +117,12 @@ def test_images_planted_copies_are_flagged_by_the_right_criteria() -> None:
         "noised": np.clip(train[5:10] + rng.normal(0, sigma, train[5:10].shape), 0, 1).astype(np.float32),
         "shifted": np.roll(train[10:15], 2, axis=2),  # two pixels to the right (wrapping)
         "partial": np.concatenate([train[15:20, :16], smooth_images(5, 32, seed=9)[:, 16:]], axis=1),
+        "cropped": np.concatenate(
+            [crop_and_enlarge(train[20 + i : 21 + i], *box) for i, box in enumerate(boxes)]
+        ),
         "fresh": smooth_images(5, 32, seed=2),
     }
-    sources = {"copy": 0, "noised": 5, "shifted": 10, "partial": 15}
+    sources = {"copy": 0, "noised": 5, "shifted": 10, "partial": 15, "cropped": 20}
     generated = np.concatenate(list(planted.values()))
     result = audit_images(train, generated, config)
     m = result.matches
@@ -117,13 +140,19 @@ def test_images_planted_copies_are_flagged_by_the_right_criteria() -> None:
     partial = get["partial"]
     assert partial["partial"].all() and not partial["tiled"].any() and not partial["copied"].any()
     assert (partial["tile_fraction"] >= 0.5).all()  # at least the top half of the 4 x 4 tiles
+    cropped = get["cropped"]
+    assert not cropped[["exact", "l2", "ratio", "tiled", "shifted"]].any().any()  # enlarged: no pixel aligns
+    assert cropped["cropped"].all()
+    found = cropped[["crop_top", "crop_left", "crop_height", "crop_width"]].to_numpy().tolist()
+    assert found == [[top, left, side, side] for top, left, side in boxes]
+    assert not get["partial"]["cropped"].any()
     assert not get["fresh"][["copied", "partial"]].any().any()
     for kind, first in sources.items():
         if kind != "partial":
             assert get[kind]["train_index"].tolist() == list(range(first, first + 5))
-    assert result.summary["n_copied_outputs"] == 15
+    assert result.summary["n_copied_outputs"] == 20
     assert result.summary["counts"]["exact"] == 5
-    assert result.per_train["copies"].sum() == 15
+    assert result.per_train["copies"].sum() == 20
 
 
 def test_images_density_ranks_typical_items_lower() -> None:

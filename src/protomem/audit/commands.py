@@ -52,6 +52,12 @@ def audit(
     max_shift: int = typer.Option(
         0, "--max-shift", help="Images: also search translations up to this many pixels."
     ),
+    max_crop: float = typer.Option(
+        0.0, "--max-crop", help="Images: also search crops removing up to this fraction of each side."
+    ),
+    crop_threshold: float = typer.Option(
+        0.08, "--crop-threshold", help="Images: RMS of the output shrunk back to the crop to flag."
+    ),
     density_k: int = typer.Option(5, "--density-k", help="Neighbours for the density prototypicality score."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Outputs per batch (bounds memory)."),
     resize: bool = typer.Option(False, "--resize", help="Images: resize every image to the training size."),
@@ -78,6 +84,8 @@ def audit(
         tiled_threshold=tiled,
         tile_grid=tile_grid,
         max_shift=max_shift,
+        max_crop=max_crop,
+        crop_threshold=crop_threshold,
         density_k=density_k,
         batch_size=batch_size,
         resize=resize,

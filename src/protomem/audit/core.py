@@ -15,8 +15,10 @@ sequences     exact (hash of the tokens); hamming (nearest training sequence wit
 text          exact (same whitespace tokens); span; covered (as above, on whitespace tokens)
 images        exact (same 8-bit pixels); l2 (RMS per value <= ``l2_threshold``); ratio (d1/d2 on L2);
               tiled (tiled L2 <= ``tiled_threshold``); shifted (only with ``max_shift`` > 0: RMS on the
-              overlap after the best translation <= ``l2_threshold``); partial (>= half of the tiles
-              within ``tiled_threshold`` of one training image; not a copy flag)
+              overlap after the best translation <= ``l2_threshold``); cropped (only with ``max_crop``
+              > 0: RMS between the output shrunk back and the best window of a training image <=
+              ``crop_threshold``); partial (>= half of the tiles within ``tiled_threshold`` of one
+              training image; not a copy flag)
 ============  =================================================================================
 """
 
@@ -42,7 +44,7 @@ Progress = Callable[[int], None]
 COPY_FLAGS = {
     "sequences": ("exact", "hamming", "ratio", "span"),
     "text": ("exact", "span"),
-    "images": ("exact", "l2", "ratio", "tiled", "shifted"),
+    "images": ("exact", "l2", "ratio", "tiled", "shifted", "cropped"),
 }
 OTHER_FLAGS = {"sequences": ("covered",), "text": ("covered",), "images": ("partial",)}
 
@@ -61,6 +63,8 @@ class AuditConfig(BaseModel):
     tiled_threshold: float = Field(0.08, ge=0)
     tile_grid: int = Field(4, ge=1)
     max_shift: int = Field(0, ge=0, le=16)
+    max_crop: float = Field(0.0, ge=0, lt=1)  # largest fraction of each side a crop may remove
+    crop_threshold: float = Field(0.08, ge=0)
     candidates: int = Field(16, ge=2)
     density_k: int = Field(5, ge=1)
     density_budget: float = Field(2e11, gt=0)  # multiply-adds allowed for the density (k-NN) pass
@@ -297,6 +301,12 @@ def audit_images(
             part.update(
                 shift_rms=shifted, shift_train=shifted_index, shift_dy=shift[:, 0], shift_dx=shift[:, 1]
             )
+        if config.max_crop > 0:
+            cropped, cropped_index, box = near.nearest_cropped(train, batch, config.max_crop, candidates=4)
+            part.update(crop_rms=cropped, crop_train=cropped_index)
+            part.update(
+                {f"crop_{name}": box[:, i] for i, name in enumerate(("top", "left", "height", "width"))}
+            )
         parts.append(pd.DataFrame(part))
         if on_batch is not None:
             on_batch(count)
@@ -310,16 +320,21 @@ def audit_images(
     matches["partial"] = matches["tile_fraction"] >= 0.5
     if config.max_shift > 0:
         matches["shifted"] = matches["shift_rms"] <= config.l2_threshold
+    if config.max_crop > 0:
+        matches["cropped"] = matches["crop_rms"] <= config.crop_threshold
     matches = matches.rename(columns={"ratio": "d1_over_d2"}).rename(columns={"ratio_flag": "ratio"})
     copy_flags = [f for f in COPY_FLAGS["images"] if f in matches.columns]
     matches["copied"] = matches[copy_flags].any(axis=1)
-    # Which training item each output copies: exact > nearest L2 > best tile match > best shift.
+    # Which training item each output copies: exact > nearest L2 > best tile match > best shift > best crop.
     train_index = np.where(matches["copied"], matches["nearest_train"], -1)
-    if "shifted" in matches.columns:
-        only_shift = matches["shifted"] & ~matches[["exact", "l2", "ratio", "tiled"]].any(axis=1)
-        train_index = np.where(only_shift, matches["shift_train"], train_index)
-    only_tiled = matches["tiled"] & ~matches[["exact", "l2", "ratio"]].any(axis=1)
-    train_index = np.where(only_tiled, matches["tiled_train"], train_index)
+    for flag, column, stronger in (
+        ("cropped", "crop_train", ["exact", "l2", "ratio", "tiled", "shifted"]),
+        ("shifted", "shift_train", ["exact", "l2", "ratio", "tiled"]),
+        ("tiled", "tiled_train", ["exact", "l2", "ratio"]),
+    ):
+        if flag in matches.columns:
+            only = matches[flag] & ~matches[[f for f in stronger if f in matches.columns]].any(axis=1)
+            train_index = np.where(only, matches[column], train_index)
     train_index = np.where(matches["exact"], matches["exact_train"], train_index)
     matches["train_index"] = train_index.astype(np.int64)
     copies = _copies_per_train(matches, n_train)

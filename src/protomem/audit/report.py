@@ -49,6 +49,11 @@ CRITERIA = {
         "l2_threshold",
         "translation-tolerant L2",
     ),
+    "cropped": (
+        "RMS difference between the output shrunk back and the best window of a training image",
+        "crop_threshold",
+        "crop-tolerant L2 (crops keeping >= 1 - max_crop of each side)",
+    ),
     "partial": (
         "at least half of the informative tiles match one training image (not a copy flag)",
         "tiled_threshold",

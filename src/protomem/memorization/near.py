@@ -19,6 +19,7 @@ from faiss exact (brute-force, BLAS) search in batches: memory is the training m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -216,6 +217,92 @@ def nearest_shifted(
                 best_index[better] = found[better, j]
                 best_shift[better] = (dy, dx)
     return best, best_index, best_shift
+
+
+def area_resize_matrix(source: int, target: int) -> np.ndarray:
+    """(target, source) float32 weights of box (area) resampling along one axis.
+
+    Output pixel i averages the source interval [i * source/target, (i + 1) * source/target), each source
+    pixel weighted by its overlap with it: anti-aliased when shrinking, independent of any grid convention.
+    """
+    edges = np.arange(target + 1) * (source / target)
+    pixel = np.arange(source)[None, :]
+    overlap = np.clip(np.minimum(edges[1:, None], pixel + 1) - np.maximum(edges[:-1, None], pixel), 0, None)
+    return (overlap / overlap.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(K, H, W, C) -> (K, height, width, C) float32 by area resampling (two small matrix products)."""
+    rows = area_resize_matrix(images.shape[1], height)
+    cols = area_resize_matrix(images.shape[2], width)
+    return np.einsum("ah,khwc,bw->kabc", rows, images, cols, optimize=True).astype(np.float32, copy=False)
+
+
+def crop_sizes(height: int, width: int, max_crop: float) -> list[tuple[int, int]]:
+    """Every (h, w) a crop keeping >= 1 - max_crop of each side (same aspect ratio, h < height) can have."""
+    smallest = max(1, math.ceil((1 - max_crop) * height - 1e-9))
+    return [(h, max(1, round(h * width / height))) for h in range(smallest, height)]
+
+
+def _coarse_positions(span: int, count: int = 3) -> np.ndarray:
+    return np.unique(np.linspace(0, span, min(count, span + 1)).round().astype(np.int64))
+
+
+def nearest_cropped(
+    reference: np.ndarray,
+    queries: np.ndarray,
+    max_crop: float,
+    candidates: int = 4,
+    retrieval_side: int = 12,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop-tolerant nearest neighbour: is a query a training image cropped and resized back to full size?
+
+    For every crop size (h, w) of :func:`crop_sizes` the query is shrunk to (h, w) by area resampling
+    (undoing the enlargement) and compared with the training images' (h, w) windows. Candidates come from
+    a faiss search at a coarse grid of window positions (3 x 3: corners, edges, centre) at a resolution
+    of at most ``retrieval_side`` pixels, which tolerates the misalignment; each candidate is then
+    re-scored exactly at full resolution at every integer position near the coarse one.
+
+    Args:
+        reference: (P, H, W, C) float32 training images; queries: (K, H, W, C).
+        max_crop: the largest fraction of each side a crop may remove, in (0, 1).
+
+    Returns:
+        rms (K,) float64 RMS per value between the shrunk query and the best window, index (K,) int64 of
+        that training image, box (K, 4) int64 (top, left, height, width) of the window in it.
+    """
+    n_ref, height, width, _ = reference.shape
+    n_query = queries.shape[0]
+    best = np.full(n_query, np.inf)
+    best_index = np.full(n_query, -1, dtype=np.int64)
+    best_box = np.zeros((n_query, 4), dtype=np.int64)
+    for h, w in crop_sizes(height, width, max_crop):
+        small = resize_images(queries, h, w)  # (K, h, w, C)
+        low_h = min(h, retrieval_side)
+        low_w = max(1, round(low_h * w / h))
+        small_low = small if (low_h, low_w) == (h, w) else resize_images(small, low_h, low_w)
+        tops, lefts = _coarse_positions(height - h), _coarse_positions(width - w)
+        reach_top = math.ceil(np.diff(tops).max(initial=0) / 2)
+        reach_left = math.ceil(np.diff(lefts).max(initial=0) / 2)
+        for top in tops:
+            for left in lefts:
+                window = reference[:, top : top + h, left : left + w]
+                if (low_h, low_w) != (h, w):
+                    window = resize_images(window, low_h, low_w)
+                _, found = nearest_l2(window.reshape(n_ref, -1), small_low.reshape(n_query, -1), k=candidates)
+                for j in range(found.shape[1]):
+                    rows = np.flatnonzero(found[:, j] >= 0)
+                    candidate = reference[found[rows, j]]
+                    for t in range(max(0, top - reach_top), min(height - h, top + reach_top) + 1):
+                        for u in range(max(0, left - reach_left), min(width - w, left + reach_left) + 1):
+                            diff = small[rows] - candidate[:, t : t + h, u : u + w]
+                            score = np.sqrt(np.mean(diff * diff, axis=(1, 2, 3), dtype=np.float64))
+                            better = score < best[rows]
+                            hit = rows[better]
+                            best[hit] = score[better]
+                            best_index[hit] = found[hit, j]
+                            best_box[hit] = (t, u, h, w)
+    return best, best_index, best_box
 
 
 def mean_knn_distance(vectors: np.ndarray, k: int = 5, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
