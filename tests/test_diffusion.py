@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from protomem.diffusion import (
     DiffusionConfig,
@@ -27,6 +28,7 @@ from protomem.diffusion import (
 from protomem.diffusion.models import StrideConv, StrideConvTranspose, frozen_weights
 from protomem.diffusion.processes import UniformProcess, strided_times, uniform_alpha_bar
 from protomem.diffusion.sampling import seeded_generator
+from protomem.diffusion.trainer import clip_gradients
 from protomem.errors import ProtomemError
 from protomem.grammar import parse, sample_distinct_strings, sample_grammar
 
@@ -213,6 +215,27 @@ def test_level0_tables_compute_the_plain_network_and_its_gradients(vocab_size):
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])  # gradient norm far below / above the limit
+def test_clip_gradients_equals_clip_grad_norm(scale):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (7,), (3, 3, 2)]
+    ours = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    theirs = [nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for a, b in zip(ours, theirs, strict=True):
+        a.grad = torch.randn(a.shape, generator=generator) * scale
+        b.grad = a.grad.clone()
+    before = [p.grad.clone() for p in ours]
+    clip_gradients(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=True)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad, b.grad)  # bit for bit
+    total = torch.linalg.vector_norm(torch.cat([p.grad.ravel() for p in ours])).item()
+    if scale < 1:
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, before, strict=True))
+    else:
+        assert total == pytest.approx(1.0, rel=1e-5)
 
 
 def test_sampling_after_a_fused_adamw_step_uses_the_new_weights():
