@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protomem.audit.core import AuditConfig, audit_images, audit_sequences, audit_text
+from protomem.audit.inputs import batches
 from protomem.audit.stats import spearman_test
 from protomem.memorization import near, text
 
@@ -190,6 +192,53 @@ def test_sequences_planted() -> None:
     assert not m["copied"][3]
 
 
+def planted_ragged_outputs(train: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Outputs of mixed lengths: an exact copy, a 2-token mutation, the copy with a token appended, the
+    copy cut short by 4 tokens, then 20 fresh sequences of random lengths (some of the training length)."""
+    mutated = train[1].copy()
+    mutated[[1, 2]] = (mutated[[1, 2]] + 1) % 50
+    planted = [train[0].copy(), mutated, np.append(train[2], 7), train[3][:-4].copy()]
+    fresh = [rng.integers(0, 50, size=int(n)) for n in rng.choice([28, 32, 40], size=20)]
+    return planted + fresh
+
+
+def test_ragged_outputs_against_uniform_training_get_hamming_only_at_the_training_length() -> None:
+    rng = np.random.default_rng(3)
+    train = list(rng.integers(0, 50, size=(100, 32)))
+    generated = planted_ragged_outputs(train, rng)
+    result = audit_sequences(train, generated, AuditConfig(span_tokens=20))
+    m = result.matches
+    at_length = m["length"] == 32
+    assert at_length[:4].tolist() == [True, True, False, False] and at_length.sum() > 2
+    assert m.loc[at_length, "d1"].notna().all() and (m.loc[at_length, "nearest_train"] >= 0).all()
+    assert m.loc[~at_length, ["d1", "d2", "d1_over_d2"]].isna().all().all()
+    assert (m.loc[~at_length, ["nearest_train", "second_train"]] == -1).all().all()
+    assert not m.loc[~at_length, ["hamming", "ratio"]].any().any()
+    assert m["d1"][:2].tolist() == [0, 2] and m["hamming"][:2].all() and m["ratio"][:2].all()
+    assert m["exact"][:4].tolist() == [True, False, False, False]  # a copy of another length is no exact copy
+    assert m["span"][:4].all() and m["longest_span"][2:4].tolist() == [32, 28]  # ... but shares a span
+    assert m["train_index"][:4].tolist() == [0, 1, 2, 3]
+    assert not m["copied"][4:].any()
+    assert result.summary["hamming_length"] == 32
+    assert result.summary["n_outputs_other_length"] == int((~at_length).sum())
+
+
+@pytest.mark.parametrize("training", ["uniform", "ragged"])
+def test_streamed_sequences_equal_the_list_audit(training: str) -> None:
+    rng = np.random.default_rng(4)
+    train = list(rng.integers(0, 50, size=(100, 32)))
+    if training == "ragged":
+        train = [seq[: int(rng.integers(24, 33))] for seq in train]
+    generated = planted_ragged_outputs(train, rng)
+    config = AuditConfig(span_tokens=20, batch_size=5)
+    listed = audit_sequences(train, generated, config)
+    streamed = audit_sequences(train, batches(iter(generated), 3), config)  # one pass, other batch size
+    pd.testing.assert_frame_equal(streamed.matches, listed.matches)
+    pd.testing.assert_frame_equal(streamed.per_train, listed.per_train)
+    assert listed.matches["exact"][0] and listed.matches["span"][:4].all()
+    assert ("d1" in listed.matches.columns) == (training == "uniform")
+
+
 def test_sequences_with_grammar_add_block_scores() -> None:
     from protomem.grammar import sample_distinct_strings, sample_grammar
 
@@ -225,3 +274,22 @@ def test_text_planted_spans_and_coverage() -> None:
     assert m["train_index"].tolist() == [2, 4, 7, -1, -1]
     assert m["span_output_start"][2] == 50 and m["span_train_start"][2] == 10
     assert m["covered"].tolist() == [True, True, False, False, False]
+
+
+def test_streamed_text_equals_the_list_audit() -> None:
+    rng = np.random.default_rng(5)
+    words = np.array([f"w{i}" for i in range(2000)])
+    train_docs = [" ".join(rng.choice(words, size=int(rng.integers(30, 80)))) for _ in range(60)]
+    generated = [" ".join(rng.choice(words, size=40)) for _ in range(30)]
+    generated[4] = train_docs[11]
+    generated[17] = "Unseen Words " + " ".join(train_docs[23].split()[5:35]) + " more unseen words"
+    config = AuditConfig(span_tokens=20, batch_size=4)
+    listed = audit_text(train_docs, generated, config)
+    streamed = audit_text(train_docs, batches(iter(generated), 7), config)
+    pd.testing.assert_frame_equal(streamed.matches, listed.matches)
+    pd.testing.assert_frame_equal(streamed.per_train, listed.per_train)
+    m = listed.matches
+    assert m["exact"].tolist() == [i == 4 for i in range(30)]
+    assert m["train_index"][[4, 17]].tolist() == [11, 23] and m["longest_span"][17] == 30
+    assert m["span_output_start"][17] == 2 and m["span_train_start"][17] == 5
+    assert len(listed.extras["output_tokens"]) == 30 and "output_tokens" not in streamed.extras

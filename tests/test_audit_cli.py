@@ -13,7 +13,15 @@ import pytest
 from PIL import Image
 
 from protomem.audit.core import AuditConfig
-from protomem.audit.inputs import detect_modality, open_images
+from protomem.audit.inputs import (
+    batches,
+    count_documents,
+    count_sequences,
+    detect_modality,
+    open_images,
+    read_documents,
+    read_sequences,
+)
 from protomem.audit.run import run_audit
 from protomem.errors import ProtomemError
 from tests.browser import render_report, require_chromium
@@ -155,17 +163,127 @@ def test_text_audit_report_highlights_the_span(tmp_path: Path) -> None:
     docs = [" ".join(f"w{x}" for x in rng.integers(0, 5000, 120)) for _ in range(50)]
     (tmp_path / "train.txt").write_text("\n".join(docs) + "\n")
     planted = " ".join(["fresh"] * 10 + docs[9].split()[:60])
-    (tmp_path / "gen.txt").write_text(planted + "\nnothing to see here\n")
+    generated = ["nothing to see here"] * 7
+    generated[5] = planted  # in the third batch of two: read back from the file for the report
+    (tmp_path / "gen.txt").write_text("\n".join(generated) + "\n")
     out, result = run_audit(
         tmp_path / "train.txt",
         tmp_path / "gen.txt",
         tmp_path / "out",
-        AuditConfig(span_tokens=50),
+        AuditConfig(span_tokens=50, batch_size=2),
         progress=False,
     )
-    assert result.matches["longest_span"].tolist() == [60, 0]
+    assert result.matches["longest_span"].tolist() == [0] * 5 + [60, 0]
     html = (out / "report.html").read_text()
-    assert "<mark>" + " ".join(docs[9].split()[:60]) + "</mark>" in html
+    assert "<b>output 5:</b> " + "fresh " * 10 + "<mark>" + " ".join(docs[9].split()[:60]) + "</mark>" in html
+
+
+def test_sequence_audit_report_draws_streamed_outputs_of_any_length(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 40, size=(30, 24))
+    (tmp_path / "train.txt").write_text("".join(" ".join(map(str, row)) + "\n" for row in train))
+    generated = [list(rng.integers(0, 40, size=24)) for _ in range(9)]
+    generated[4] = [99, 98] + list(train[6])  # longer than the training sequences: span, no Hamming
+    generated[7] = list(train[2])
+    (tmp_path / "gen.jsonl").write_text(
+        "".join(json.dumps({"tokens": [int(t) for t in g]}) + "\n" for g in generated)
+    )
+    out, result = run_audit(
+        tmp_path / "train.txt",
+        tmp_path / "gen.jsonl",
+        tmp_path / "out",
+        AuditConfig(span_tokens=10, batch_size=2),
+        progress=False,
+    )
+    m = result.matches
+    assert m["train_index"][[4, 7]].tolist() == [6, 2] and m["exact"][7] and np.isnan(m["d1"][4])
+    html = (out / "report.html").read_text()
+    assert "<b>output 4:</b> 99 98 <mark>" + " ".join(map(str, train[6])) + "</mark>" in html
+    assert "<b>output 7:</b> <mark>" + " ".join(map(str, train[2])) + "</mark>" in html
+
+
+def write_with_bad_line(path: Path, good: str | bytes, bad: str | bytes, bad_line: int, count: int) -> None:
+    """``count`` lines of ``good`` (line 10 blank), the line numbered ``bad_line`` (1-based) ``bad``."""
+    lines = [good] * count
+    lines[9] = b"" if isinstance(good, bytes) else ""
+    lines[bad_line - 1] = bad
+    if isinstance(good, bytes):
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("tokens.jsonl", "tokens must be integers"),
+        ("tokens.txt", "tokens must be integers"),
+        ("tokens.parquet", "negative token"),
+        ("docs.jsonl", "expected an object with a 'text' string"),
+        ("docs.txt", "not UTF-8 text"),
+    ],
+)
+def test_a_bad_output_far_down_a_streamed_file_is_named(tmp_path: Path, name: str, message: str) -> None:
+    bad_line, count = 2500, 3000  # past the first two batches of 1,024
+    generated = tmp_path / name
+    if name == "tokens.parquet":
+        tokens = [[1, 2, 3, 4]] * count
+        tokens[bad_line - 1] = [1, -2, 3, 4]
+        pd.DataFrame({"tokens": tokens}).to_parquet(generated)
+        where = f"row {bad_line}"
+    else:
+        good, bad = {
+            "tokens.jsonl": ('{"tokens": [1, 2, 3, 4]}', '{"tokens": [1, "x", 3, 4]}'),
+            "tokens.txt": ("1 2 3 4", "1 2 x 4"),
+            "docs.jsonl": ('{"text": "a b c d"}', '{"text": 5}'),
+            "docs.txt": (b"a b c d", b"a b \xff d"),
+        }[name]
+        write_with_bad_line(generated, good, bad, bad_line, count)
+        where = f"line {bad_line}"
+    train = tmp_path / ("train.txt" if name.startswith("docs") else "train.tokens")
+    train.write_text("a b c d\ne f g h\n" if name.startswith("docs") else "1 2 3 4\n5 6 7 8\n")
+    result = run_cli(
+        "audit", "--train", train, "--generated", generated, "--out", tmp_path / "out", "--quiet"
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert name in lines[0] and f"({where})" in lines[0] and message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_readers_and_their_counts_agree(tmp_path: Path) -> None:
+    (tmp_path / "s.txt").write_text("1 2 3\n\n4 5\r\n  \n6\n")
+    (tmp_path / "s.jsonl").write_text('{"tokens": [1, 2]}\n\n{"tokens": [3]}\n')
+    pd.DataFrame({"tokens": [[1, 2], [3, 4, 5], [6]]}).to_parquet(tmp_path / "s.parquet")
+    for name, expected in (
+        ("s.txt", [[1, 2, 3], [4, 5], [6]]),
+        ("s.jsonl", [[1, 2], [3]]),
+        ("s.parquet", None),
+    ):
+        sequences = read_sequences(tmp_path / name)
+        assert count_sequences(tmp_path / name) == len(sequences)
+        if expected is not None:
+            assert [s.tolist() for s in sequences] == expected
+    (tmp_path / "d.txt").write_text("first doc\n\n  second doc \r\nthird\n")
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i}\nwith two lines")
+    (tmp_path / "docs" / "notes.md").write_text("not a document")
+    pd.DataFrame({"text": ["a", None, "b c"]}).to_parquet(tmp_path / "d.parquet")
+    expected = {
+        "d.txt": ["first doc", "  second doc ", "third"],
+        "docs": [f"document {i}\nwith two lines" for i in range(3)],
+        "d.parquet": ["a", "", "b c"],
+    }
+    for name, documents in expected.items():
+        assert read_documents(tmp_path / name) == documents
+        assert count_documents(tmp_path / name) == len(documents)
+    assert [start for start, _ in batches(iter(range(7)), 3)] == [0, 3, 6]
+    assert [batch for _, batch in batches(range(7), 3)][-1] == [6]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ProtomemError, match="no documents"):
+        read_documents(tmp_path / "blank.txt")
 
 
 def test_float_arrays_are_scaled_once_for_the_whole_file(tmp_path: Path) -> None:

@@ -20,12 +20,20 @@ images        exact (same 8-bit pixels); l2 (RMS per value <= ``l2_threshold``);
               ``crop_threshold``); partial (>= half of the tiles within ``tiled_threshold`` of one
               training image; not a copy flag)
 ============  =================================================================================
+
+Hamming, d1/d2 and the ``hamming`` / ``ratio`` flags of sequences exist when every *training* sequence
+has one length L; they are computed for the outputs of length L. Outputs of another length get NaN
+``d1`` / ``d2`` / ``d1_over_d2``, -1 ``nearest_train`` / ``second_train`` and neither flag (exact, span
+and covered still apply to them). Ragged training sequences: no Hamming columns at all.
+
+The generated side may be a list (or array) or a stream: an iterable of (start, batch) pairs, consumed
+once, batch by batch, so only the per-output result rows are kept (see :mod:`protomem.audit.run`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -230,10 +238,12 @@ def summarize(
     }
 
 
-def _as_batches(generated: np.ndarray | Iterable[tuple[int, np.ndarray]], batch_size: int):
-    if isinstance(generated, np.ndarray):
+def _as_batches(generated: Sequence | np.ndarray | Iterable[tuple[int, Sequence]], batch_size: int):
+    """(start, batch) pairs: an array or a list is sliced into batches of ``batch_size`` items; anything
+    else is taken to be an iterable of (start, batch) pairs already (a stream, consumed once)."""
+    if isinstance(generated, (np.ndarray, Sequence)):
         return ((s, generated[s : s + batch_size]) for s in range(0, len(generated), batch_size))
-    return generated
+    return iter(generated)
 
 
 # -------------------------------------------------------------------------------------------------- images
@@ -363,52 +373,73 @@ def _exact_ragged(first: dict[bytes, int], outputs: Sequence[np.ndarray]) -> np.
     return np.array([first.get(np.asarray(o, dtype=np.int64).tobytes(), -1) for o in outputs], dtype=np.int64)
 
 
+def _hamming_columns(matrix: np.ndarray, outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Exact match and the two nearest training sequences (Hamming) of the outputs as long as the rows of
+    ``matrix`` (P, L); the other outputs get -1 indices and NaN distances."""
+    count, n_train = len(outputs), matrix.shape[0]
+    fits = np.flatnonzero([len(o) == matrix.shape[1] for o in outputs])
+    columns = {
+        "exact_train": np.full(count, -1, dtype=np.int64),
+        "nearest_train": np.full(count, -1, dtype=np.int64),
+        "second_train": np.full(count, -1, dtype=np.int64),
+        "d1": np.full(count, np.nan),
+        "d2": np.full(count, np.nan),
+        "d1_over_d2": np.full(count, np.nan),
+    }
+    if fits.size == 0:
+        return columns
+    same = np.stack([outputs[i] for i in fits])
+    columns["exact_train"][fits] = exact_match_index(matrix, same)
+    distances, indices = nearest_hamming(matrix, same, k=min(2, n_train))
+    d1 = distances[:, 0].astype(np.float64)
+    d2 = distances[:, 1].astype(np.float64) if n_train > 1 else np.full(fits.size, np.inf)
+    columns["nearest_train"][fits] = indices[:, 0]
+    if n_train > 1:
+        columns["second_train"][fits] = indices[:, 1]
+    columns["d1"][fits], columns["d2"][fits] = d1, d2
+    columns["d1_over_d2"][fits] = near.distance_ratio(d1, d2)
+    return columns
+
+
 def _token_audit(
     modality: str,
     train: Sequence[np.ndarray],
-    outputs: Sequence[np.ndarray],
+    batches: Iterable[tuple[int, Sequence[np.ndarray]]],
     config: AuditConfig,
     on_batch: Progress | None,
     density: bool,
     score_table: dict[str, np.ndarray] | None = None,
 ) -> AuditResult:
+    """The audit of token arrays (sequences, encoded text); ``batches`` yields (start, outputs) pairs."""
     started = time.perf_counter()
     n_train = len(train)
     if n_train < 1:
         raise ProtomemError("empty training set")
     matrix = None
-    lengths = {len(s) for s in train} | {len(o) for o in outputs}
-    if modality == "sequences" and len(lengths) == 1:
+    if modality == "sequences" and len({len(s) for s in train}) == 1:
         matrix = np.stack(train)
     index = text.build_kgram_index(train, config.span_tokens)
     by_content = _first_index_by_content(train) if matrix is None else None
     parts = []
-    for start in range(0, len(outputs), config.batch_size):
-        chunk = list(outputs[start : start + config.batch_size])
+    for start, batch in batches:
+        chunk = list(batch)
         count = len(chunk)
         spans = text.shared_spans(index, chunk)
+        if matrix is not None:
+            hamming = _hamming_columns(matrix, chunk)
+        else:
+            hamming = {"exact_train": _exact_ragged(by_content, chunk)}
         part = {
             "output": np.arange(start, start + count),
             "length": np.array([len(c) for c in chunk], dtype=np.int64),
-            "exact_train": _exact_ragged(by_content, chunk)
-            if matrix is None
-            else exact_match_index(matrix, np.stack(chunk)),
+            "exact_train": hamming.pop("exact_train"),
             "longest_span": spans.longest_span,
             "span_train": spans.train_index,
             "span_output_start": spans.output_start,
             "span_train_start": spans.train_start,
             "covered_fraction": spans.covered_fraction,
+            **hamming,
         }
-        if matrix is not None:
-            distances, indices = nearest_hamming(matrix, np.stack(chunk), k=min(2, n_train))
-            d2 = distances[:, 1] if n_train > 1 else np.full(count, np.inf)
-            part.update(
-                nearest_train=indices[:, 0],
-                second_train=indices[:, 1] if n_train > 1 else np.full(count, -1),
-                d1=distances[:, 0].astype(np.float64),
-                d2=d2.astype(np.float64),
-                d1_over_d2=near.distance_ratio(distances[:, 0], d2),
-            )
         parts.append(pd.DataFrame(part))
         if on_batch is not None:
             on_batch(count)
@@ -419,9 +450,8 @@ def _token_audit(
     matches["span"] = matches["longest_span"] >= config.span_tokens
     matches["covered"] = matches["covered_fraction"] >= config.coverage_threshold
     train_index = np.where(matches["span"], matches["span_train"], -1)
-    if matrix is not None:
-        length = matrix.shape[1]
-        matches["hamming"] = matches["d1"] <= config.hamming_threshold * length
+    if matrix is not None:  # NaN distances (outputs of another length) compare False: no flag
+        matches["hamming"] = matches["d1"] <= config.hamming_threshold * matrix.shape[1]
         matches["ratio"] = matches["d1_over_d2"] < config.ratio_threshold
         near_flag = matches["hamming"] | matches["ratio"]
         train_index = np.where(near_flag, matches["nearest_train"], train_index)
@@ -443,20 +473,28 @@ def _token_audit(
         columns.append(name)
     summary = summarize(modality, matches, per_train, config, time.perf_counter() - started, columns)
     summary["span_tokens"] = config.span_tokens
+    if matrix is not None:
+        summary["hamming_length"] = int(matrix.shape[1])
+        summary["n_outputs_other_length"] = int((matches["length"] != matrix.shape[1]).sum())
     return AuditResult(modality, matches, per_train, summary)
 
 
 def audit_sequences(
     train: Sequence[np.ndarray],
-    generated: Sequence[np.ndarray],
+    generated: Sequence[np.ndarray] | Iterable[tuple[int, Sequence[np.ndarray]]],
     config: AuditConfig,
     on_batch: Progress | None = None,
     density: bool = True,
     grammar: object | None = None,
 ) -> AuditResult:
-    """Audit token sequences (any lengths; Hamming and d1/d2 only when every sequence has one length).
+    """Audit token sequences of any lengths (Hamming and d1/d2 when the training sequences share one length,
+    for the outputs of that length).
 
     Args:
+        train: (n_i,) int64 token arrays, held in memory.
+        generated: a list of (m_j,) int64 token arrays, or an iterable of (start, list of arrays) pairs
+            (streamed; see :func:`protomem.audit.inputs.batches`).
+        on_batch: called with the number of outputs done after each batch.
         grammar: an RHM (protomem.grammar) — adds its block / rule frequency scores per training item.
     """
     table = None
@@ -468,21 +506,37 @@ def audit_sequences(
                 f"--grammar needs training sequences of the grammar's length {grammar.length}"
             )
         table = prototypicality_table(grammar, np.stack(train))
-    return _token_audit("sequences", train, generated, config, on_batch, density, table)
+    batches = _as_batches(generated, config.batch_size)
+    return _token_audit("sequences", train, batches, config, on_batch, density, table)
 
 
 def audit_text(
     train_docs: Sequence[str],
-    generated_docs: Sequence[str],
+    generated_docs: Sequence[str] | Iterable[tuple[int, Sequence[str]]],
     config: AuditConfig,
     on_batch: Progress | None = None,
     density: bool = True,
 ) -> AuditResult:
-    """Audit plain-text documents: whitespace tokens (lower-cased if ``config.lowercase``)."""
+    """Audit plain-text documents: whitespace tokens (lower-cased if ``config.lowercase``).
+
+    The training documents are encoded at once (their vocabulary), the outputs batch by batch with that
+    vocabulary. ``generated_docs``: a list of documents or an iterable of (start, list of documents)
+    pairs (streamed). ``result.extras``: ``train_tokens`` (the encoded training documents) and, only
+    when ``generated_docs`` is a list, ``output_tokens`` (the encoded outputs; a stream is not kept).
+    """
     prepare = (lambda d: d.lower()) if config.lowercase else (lambda d: d)
     train, vocabulary = text.whitespace_tokens([prepare(d) for d in train_docs])
-    outputs = text.encode_with([prepare(d) for d in generated_docs], vocabulary)
-    result = _token_audit("text", train, outputs, config, on_batch, density)
+    kept: list[np.ndarray] | None = [] if isinstance(generated_docs, Sequence) else None
+
+    def encoded() -> Iterator[tuple[int, list[np.ndarray]]]:
+        for start, docs in _as_batches(generated_docs, config.batch_size):
+            tokens = text.encode_with([prepare(d) for d in docs], vocabulary)
+            if kept is not None:
+                kept.extend(tokens)
+            yield start, tokens
+
+    result = _token_audit("text", train, encoded(), config, on_batch, density)
     result.extras["train_tokens"] = train
-    result.extras["output_tokens"] = outputs
+    if kept is not None:
+        result.extras["output_tokens"] = kept
     return result

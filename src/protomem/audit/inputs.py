@@ -12,13 +12,19 @@ Modalities and the files that hold them:
 Images become float32 (N, H, W, C) in [0, 1]; grey and colour mix by promoting grey to RGB; an alpha
 channel is dropped. Different sizes are an error unless ``resize`` is given (then every image is
 resized, bilinear, to the training set's first image size).
+
+Sequences and documents are read one at a time (:func:`iter_sequences`, :func:`iter_documents`, grouped
+by :func:`batches`; Parquet 1,024 rows at a time), so a file of outputs can be audited
+without holding it in memory; :func:`count_sequences` / :func:`count_documents` give the totals cheaply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -28,6 +34,7 @@ from protomem.io import jsonl_objects, jsonl_records
 MODALITIES = ("sequences", "text", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
+T = TypeVar("T")
 
 
 def detect_modality(path: str | Path) -> str:
@@ -93,39 +100,84 @@ def detect_modality(path: str | Path) -> str:
 # ----------------------------------------------------------------------------------------------- sequences
 
 
-def read_sequences(path: str | Path) -> list[np.ndarray]:
-    """Token sequences of any lengths: one (n_i,) int64 array per record, validated (names the line)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    rows: list[list] = []
-    unit = "line"
-    if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
 
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+
+
+def _parquet_column(path: Path, column: str, rows_per_batch: int = 1024) -> Iterator[tuple[int, object]]:
+    """(1-based row, value) of one Parquet column, read ``rows_per_batch`` rows at a time."""
+    import pyarrow.parquet as pq
+
+    def unreadable(exc: Exception) -> ProtomemError:
+        return ProtomemError(f"not a readable Parquet file with a {column!r} column ({exc})", path=path)
+
+    try:
+        parts = pq.ParquetFile(path).iter_batches(batch_size=rows_per_batch, columns=[column])
+        number = 0
+        for part in parts:
+            for value in part.column(0).to_pylist():
+                number += 1
+                yield number, value
+    except ProtomemError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a corrupt file or a missing column
+        raise unreadable(exc) from None
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its line ending) for every non-blank line of a UTF-8 file.
+
+    Decoded line by line, so a byte that is not UTF-8 is an error naming its line.
+    """
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProtomemError(
+                    f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)",
+                    path=path,
+                    where=f"line {number}",
+                ) from None
+            if line.strip():
+                yield number, line.rstrip("\r\n")
+
+
+def _non_blank_lines(path: Path) -> int:
+    """Number of non-blank lines, counted on the raw bytes (cheap; for a progress bar's total)."""
+    with open(path, "rb") as handle:
+        return sum(1 for raw in handle if raw.strip())
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception as exc:
+        raise ProtomemError(f"not a readable Parquet file ({exc})", path=path) from None
+
+
+def iter_sequences(path: str | Path) -> Iterator[np.ndarray]:
+    """Token sequences one by one: (n_i,) int64 arrays, validated (an error names the line or row).
+
+    Raises ProtomemError("no sequences in file") at the end if the file held none.
+    """
+    path = Path(path)
+    unit = "line"
+    if _is_parquet(path):
         unit = "row"
-        try:
-            rows = pq.read_table(path, columns=["tokens"]).column("tokens").to_pylist()
-        except Exception as exc:
-            raise ProtomemError(
-                f"not a readable Parquet file with a 'tokens' column ({exc})", path=path
-            ) from None
-        numbers = list(range(1, len(rows) + 1))
+        rows = _parquet_column(path, "tokens")
+    elif _is_jsonl(path):
+        rows = ((number, record["tokens"]) for number, record in jsonl_records(path, "tokens", list))
     else:
-        numbers = []
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            for number, record in jsonl_records(path, "tokens", list):
-                rows.append(record["tokens"])
-                numbers.append(number)
-        else:
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        rows.append(line.split())
-                        numbers.append(number)
-    if not rows:
-        raise ProtomemError("no sequences in file", path=path)
-    out = []
-    for row, number in zip(rows, numbers, strict=True):
+        rows = ((number, line.split()) for number, line in _text_lines(path))
+    seen = 0
+    for number, row in rows:
         if row is None or len(row) == 0:
             raise ProtomemError("empty sequence", path=path, where=f"{unit} {number}")
         try:
@@ -135,8 +187,24 @@ def read_sequences(path: str | Path) -> list[np.ndarray]:
         array = np.asarray(values, dtype=np.int64)
         if (array < 0).any():
             raise ProtomemError("negative token", path=path, where=f"{unit} {number}")
-        out.append(array)
-    return out
+        seen += 1
+        yield array
+    if seen == 0:
+        raise ProtomemError("no sequences in file", path=path)
+
+
+def read_sequences(path: str | Path) -> list[np.ndarray]:
+    """Every token sequence of a file (see :func:`iter_sequences`)."""
+    return list(iter_sequences(path))
+
+
+def count_sequences(path: str | Path) -> int:
+    """How many sequences :func:`iter_sequences` will yield (Parquet: rows; else non-blank lines).
+
+    Cheap (metadata or one pass over the bytes, nothing parsed): for a progress bar's total.
+    """
+    path = Path(path)
+    return _parquet_rows(path) if _is_parquet(path) else _non_blank_lines(path)
 
 
 def _bad_token(value: object) -> int:
@@ -149,39 +217,65 @@ def as_matrix(sequences: list[np.ndarray]) -> np.ndarray | None:
     return np.stack(sequences) if len(lengths) == 1 else None
 
 
+def batches(items: Iterable[T], size: int) -> Iterator[tuple[int, list[T]]]:
+    """(start, items[start : start + size]) for consecutive batches of an iterable, read lazily."""
+    iterator = iter(items)
+    start = 0
+    while batch := list(islice(iterator, size)):
+        yield start, batch
+        start += len(batch)
+
+
 # ---------------------------------------------------------------------------------------------------- text
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Plain-text documents: one per line of a .txt file, one per .txt file in a folder, or a text column."""
+def _text_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt")
+
+
+def iter_documents(path: str | Path) -> Iterator[str]:
+    """Plain-text documents one by one: one per line of a .txt file, one per .txt file in a folder, or a
+    ``text`` column of Parquet / jsonl. Raises ProtomemError("no documents") at the end if there were none.
+    """
     path = Path(path)
-    docs: list[str] = []
+    seen = 0
     if path.is_dir():
-        for file in sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt"):
+        for file in _text_files(path):
             try:
-                docs.append(file.read_text(encoding="utf-8"))
+                document = file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ProtomemError(f"unreadable text file ({exc})", path=file) from None
-    elif path.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        try:
-            docs = [d or "" for d in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
-        except Exception as exc:
-            raise ProtomemError(
-                f"not a readable Parquet file with a 'text' column ({exc})", path=path
-            ) from None
-    elif path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        docs = [record["text"] for _, record in jsonl_records(path, "text", str)]
+            seen += 1
+            yield document
+    elif _is_parquet(path):
+        for _, document in _parquet_column(path, "text"):
+            seen += 1
+            yield document or ""
+    elif _is_jsonl(path):
+        for _, record in jsonl_records(path, "text", str):
+            seen += 1
+            yield record["text"]
     else:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                docs = [line.rstrip("\n") for line in handle if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise ProtomemError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
-    if not docs:
+        for _, line in _text_lines(path):
+            seen += 1
+            yield line
+    if seen == 0:
         raise ProtomemError("no documents", path=path)
-    return docs
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Every document of a file or folder (see :func:`iter_documents`)."""
+    return list(iter_documents(path))
+
+
+def count_documents(path: str | Path) -> int:
+    """How many documents :func:`iter_documents` will yield (folder: .txt files; Parquet: rows; else
+    non-blank lines). Cheap: for a progress bar's total.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return len(_text_files(path))
+    return _parquet_rows(path) if _is_parquet(path) else _non_blank_lines(path)
 
 
 # -------------------------------------------------------------------------------------------------- images

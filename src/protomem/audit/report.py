@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from markupsafe import Markup, escape
 
 from protomem.audit.core import COPY_FLAGS, OTHER_FLAGS, AuditResult
@@ -138,6 +139,20 @@ def _density_figure(per_train) -> Markup | None:
     return figure_img(fig, "copies against density prototypicality")
 
 
+MAX_PAIRS = 24  # flagged pairs drawn in the report
+
+
+def pairs_to_show(matches: pd.DataFrame, modality: str, max_pairs: int = MAX_PAIRS) -> pd.DataFrame:
+    """The rows of ``matches`` whose pairs the report draws: flagged outputs (a copy flag or a partial /
+    covered one), the most certain first (smallest d1/d2, else longest shared span), at most ``max_pairs``.
+
+    The CLI reads exactly these outputs back from a streamed file, so keep this the report's only rule.
+    """
+    flagged = matches[matches["copied"] | matches[list(OTHER_FLAGS[modality])].any(axis=1)]
+    sort_key = "d1_over_d2" if "d1_over_d2" in flagged.columns else "longest_span"
+    return flagged.sort_values(sort_key, ascending=sort_key == "d1_over_d2").head(max_pairs)
+
+
 def write_report(
     result: AuditResult,
     out_path: str | Path,
@@ -145,13 +160,14 @@ def write_report(
     inputs: dict[str, str],
     output_item: Callable[[int], object],
     train_item: Callable[[int], object],
-    max_pairs: int = 24,
+    max_pairs: int = MAX_PAIRS,
 ) -> None:
     """Render report.html for an audit.
 
     Args:
         output_item, train_item: index -> the item to draw: an (H, W, C) image in [0, 1] for images, a
-            list of words / tokens for text and sequences.
+            list of words / tokens for text and sequences. ``output_item`` is only asked for the outputs
+            of :func:`pairs_to_show` (same ``max_pairs``).
     """
     from protomem.htmlreport import render_page
 
@@ -173,7 +189,7 @@ def write_report(
             }
         )
     figures = []
-    if "d1_over_d2" in matches.columns:
+    if "d1_over_d2" in matches.columns and np.isfinite(matches["d1_over_d2"]).any():
         figures.append(
             _histogram(
                 matches["d1_over_d2"].to_numpy(),
@@ -198,11 +214,8 @@ def write_report(
             )
         )
     density_figure = _density_figure(result.per_train)
-    flagged = matches[matches["copied"] | matches[list(OTHER_FLAGS[modality])].any(axis=1)]
-    sort_key = "d1_over_d2" if "d1_over_d2" in flagged.columns else "longest_span"
-    flagged = flagged.sort_values(sort_key, ascending=sort_key == "d1_over_d2").head(max_pairs)
     pairs = []
-    for _, row in flagged.iterrows():
+    for _, row in pairs_to_show(matches, modality, max_pairs).iterrows():
         out_i = int(row["output"])
         if modality == "images":
             train_i = int(row["train_index"]) if row["train_index"] >= 0 else int(row["tiled_train"])
@@ -226,7 +239,7 @@ def write_report(
             else:
                 out_start, train_start = int(row["span_output_start"]), int(row["span_train_start"])
             numbers = f"longest shared span {length} tokens · covered {row['covered_fraction']:.0%}"
-            if "d1" in row.index:
+            if "d1" in row.index and np.isfinite(row["d1"]):  # NaN: an output of another length
                 numbers += f" · Hamming {int(row['d1'])} · d1/d2 {row['d1_over_d2']:.3f}"
             pair = {
                 "output": out_i,

@@ -1,21 +1,40 @@
 """``run_audit``: files in, run directory out (matches.parquet, per_train.parquet, summary.json, report.html).
 
 Memory: the training set is held in memory (images: P x H x W x C float32; text/sequences: 16 bytes per
-training token for the k-gram index plus the tokens); the outputs stream through in batches of
-``config.batch_size``, and only their per-output result rows (about 200 bytes each) are kept.
+training token for the k-gram index plus the tokens and, for text, the documents and their vocabulary);
+the outputs are read from their file and audited in batches of ``config.batch_size``, and only their
+per-output result rows (about 200 bytes each) are kept. The few outputs the report draws are read back
+in a second pass over the file (:func:`protomem.audit.report.pairs_to_show` picks them).
 """
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from protomem.audit.core import AuditConfig, AuditResult, audit_images, audit_sequences, audit_text
-from protomem.audit.inputs import detect_modality, open_images, read_documents, read_sequences
+from protomem.audit.inputs import (
+    batches,
+    count_documents,
+    count_sequences,
+    detect_modality,
+    iter_documents,
+    iter_sequences,
+    open_images,
+    read_documents,
+    read_sequences,
+)
+from protomem.audit.report import pairs_to_show, write_report
 from protomem.errors import ProtomemError
 from protomem.io import new_output_dir, write_json_atomic
+
+T = TypeVar("T")
 
 
 def resolve_modality(train: Path, generated: Path, forced: str) -> str:
@@ -63,8 +82,6 @@ def run_audit(
             "output directory exists and is not empty (pass --overwrite to replace it)", path=out_dir
         )
     modality = resolve_modality(train_path, generated_path, config.modality)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     bar = Progress(
         TextColumn("[bold]audit[/bold] {task.description}"),
         BarColumn(),
@@ -102,19 +119,24 @@ def run_audit(
                 return train[i]
         elif modality == "sequences":
             train_seq = read_sequences(train_path)
-            generated_seq = read_sequences(generated_path)
             grammar = None
             if grammar_path is not None:
                 from protomem.grammar import load_grammar
 
                 grammar = load_grammar(grammar_path)
-            task = bar.add_task("outputs", total=len(generated_seq))
-            result = audit_sequences(
-                train_seq, generated_seq, config, on_batch=lambda n: bar.advance(task, n), grammar=grammar
+            result, shown = _audit_streamed(
+                audit_sequences,
+                train_seq,
+                generated_path,
+                iter_sequences,
+                count_sequences,
+                config,
+                bar,
+                grammar=grammar,
             )
 
             def output_item(i: int) -> list:
-                return generated_seq[i].tolist()
+                return shown[i].tolist()
 
             def train_item(i: int) -> list:
                 return train_seq[i].tolist()
@@ -124,17 +146,18 @@ def run_audit(
                     "--grammar applies to token sequences, not to plain text", path=grammar_path
                 )
             train_docs = read_documents(train_path)
-            generated_docs = read_documents(generated_path)
-            task = bar.add_task("outputs", total=len(generated_docs))
-            result = audit_text(train_docs, generated_docs, config, on_batch=lambda n: bar.advance(task, n))
+            result, shown = _audit_streamed(
+                audit_text, train_docs, generated_path, iter_documents, count_documents, config, bar
+            )
+
+            def words(document: str) -> list[str]:
+                return (document.lower() if config.lowercase else document).split()
 
             def output_item(i: int) -> list:
-                return (generated_docs[i].lower() if config.lowercase else generated_docs[i]).split()
+                return words(shown[i])
 
             def train_item(i: int) -> list:
-                return (train_docs[i].lower() if config.lowercase else train_docs[i]).split()
-
-    from protomem.audit.report import write_report
+                return words(train_docs[i])
 
     inputs = {"train": str(train_path), "generated": str(generated_path)}
     result.summary["inputs"] = inputs
@@ -147,6 +170,43 @@ def run_audit(
         )
         write_json_atomic(staging / "summary.json", _json_ready(result.summary))
     return out_dir, result
+
+
+def _audit_streamed(
+    audit: Callable[..., AuditResult],
+    train: list,
+    generated_path: Path,
+    iterate: Callable[[Path], Iterator[T]],
+    count: Callable[[Path], int],
+    config: AuditConfig,
+    bar: Progress,
+    **options: object,
+) -> tuple[AuditResult, dict[int, T]]:
+    """Audit the outputs of a file read one batch at a time (``iterate``: the file's reader, ``count``: its
+    cheap count for the bar), then read back the outputs the report draws: (result, {output index: item}).
+    """
+    task = bar.add_task("outputs", total=count(generated_path))
+    stream = batches(iterate(generated_path), config.batch_size)
+    result = audit(train, stream, config, on_batch=lambda n: bar.advance(task, n), **options)
+    return result, _read_back(iterate(generated_path), pairs_to_show(result.matches, result.modality), bar)
+
+
+def _read_back(items: Iterable[T], pairs: pd.DataFrame, bar: Progress) -> dict[int, T]:
+    """{output index: item} for the outputs of the report's pairs, from a second pass over the stream of
+    outputs that stops at the last of them."""
+    wanted = {int(i) for i in pairs["output"]}
+    found: dict[int, T] = {}
+    if not wanted:
+        return found
+    last = max(wanted)
+    task = bar.add_task("outputs for the report", total=last + 1)
+    for i, item in enumerate(items):
+        if i in wanted:
+            found[i] = item
+        bar.advance(task)
+        if i == last:
+            break
+    return found
 
 
 def _json_ready(value: object) -> object:
