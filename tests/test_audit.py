@@ -293,3 +293,15 @@ def test_streamed_text_equals_the_list_audit() -> None:
     assert m["train_index"][[4, 17]].tolist() == [11, 23] and m["longest_span"][17] == 30
     assert m["span_output_start"][17] == 2 and m["span_train_start"][17] == 5
     assert len(listed.extras["output_tokens"]) == 30 and "output_tokens" not in streamed.extras
+
+
+def test_encode_with_unknown_keeps_the_vocabulary() -> None:
+    train, vocabulary = text.whitespace_tokens(["a b c", "c d"])
+    size = len(vocabulary)
+    encoded = text.encode_with(["a x y d", "z"], vocabulary, unknown=size)
+    assert len(vocabulary) == size  # no output word was added
+    assert encoded[0].tolist() == [vocabulary["a"], size, size, vocabulary["d"]] and encoded[1].tolist() == [
+        size
+    ]
+    grown = text.encode_with(["a x"], vocabulary)  # without `unknown`: new words get new ids
+    assert grown[0].tolist() == [vocabulary["a"], size] and len(vocabulary) == size + 1

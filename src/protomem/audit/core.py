@@ -530,7 +530,9 @@ def audit_text(
 
     def encoded() -> Iterator[tuple[int, list[np.ndarray]]]:
         for start, docs in _as_batches(generated_docs, config.batch_size):
-            tokens = text.encode_with([prepare(d) for d in docs], vocabulary)
+            # words the training documents never use can match nothing in them: one shared id, so the
+            # vocabulary (and memory) does not grow with the outputs
+            tokens = text.encode_with([prepare(d) for d in docs], vocabulary, unknown=len(vocabulary))
             if kept is not None:
                 kept.extend(tokens)
             yield start, tokens

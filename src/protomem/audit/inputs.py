@@ -211,12 +211,6 @@ def _bad_token(value: object) -> int:
     raise ValueError(value)
 
 
-def as_matrix(sequences: list[np.ndarray]) -> np.ndarray | None:
-    """(N, L) int64 if every sequence has the same length, else None."""
-    lengths = {len(s) for s in sequences}
-    return np.stack(sequences) if len(lengths) == 1 else None
-
-
 def batches(items: Iterable[T], size: int) -> Iterator[tuple[int, list[T]]]:
     """(start, items[start : start + size]) for consecutive batches of an iterable, read lazily."""
     iterator = iter(items)

@@ -43,8 +43,20 @@ def whitespace_tokens(documents: Sequence[str]) -> tuple[list[np.ndarray], dict[
     return arrays, vocabulary
 
 
-def encode_with(documents: Sequence[str], vocabulary: dict[str, int]) -> list[np.ndarray]:
-    """Like :func:`whitespace_tokens` but growing an existing vocabulary (new words get new ids)."""
+def encode_with(
+    documents: Sequence[str], vocabulary: dict[str, int], unknown: int | None = None
+) -> list[np.ndarray]:
+    """Like :func:`whitespace_tokens` with an existing vocabulary.
+
+    Words not in it get new ids (the vocabulary grows), or all get the id ``unknown`` when given (the
+    vocabulary stays as it is: right when only matches against the vocabulary's documents matter, since
+    a word they never use can match nothing in them).
+    """
+    if unknown is not None:
+        return [
+            np.fromiter((vocabulary.get(w, unknown) for w in doc.split()), dtype=np.int64)
+            for doc in documents
+        ]
     return [
         np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in doc.split()), dtype=np.int64)
         for doc in documents
