@@ -77,6 +77,11 @@ def test_run_directory_has_every_output(tiny_run):
     assert set(summary["slop"]["levels"]) == {"l1", "l2"}
     assert summary["finer_sampler"]["sampling_steps"] == 32
     assert summary["verdict"] and summary["cpu_seconds"] > 0
+    # secondary scores carry Benjamini-Hochberg adjusted p-values (never below the raw p); the primary not
+    correlations = summary["correlations"]
+    secondary = [c for name, c in correlations.items() if name != summary["primary_score"]]
+    assert secondary and all(c["p_calibrated_bh"] >= c["p_calibrated"] - 1e-12 for c in secondary)
+    assert "p_calibrated_bh" not in correlations.get(summary["primary_score"], {})
     doc = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert doc["versions"]["torch"] == torch.__version__
     assert set(doc["seeds"]) == {"grammar", "data", "model", "analysis"}

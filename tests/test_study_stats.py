@@ -115,3 +115,11 @@ def test_presets_validate_and_overrides_are_checked():
         apply_overrides(base, {"analysis.primary_score": "block_count_same_pos_l7"})
     with pytest.raises(ProtomemError, match="unknown preset"):
         get_preset("huge")
+
+
+def test_adjusted_p_values_are_benjamini_hochberg_by_hand():
+    # sorted raw p 0.01 < 0.03 < 0.04 with m = 3: p * m / rank = 0.03, 0.045, 0.04; then the running
+    # minimum from the largest rank down: 0.03, 0.04, 0.04. NaN (an untestable score) is left out.
+    adjusted = stats.adjusted_p_values({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.04, "c": 0.04})
+    assert stats.adjusted_p_values({"d": float("nan")}) == {}

@@ -132,6 +132,7 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
             "p_grammar": format_number(c.get("p_grammar")),
             "null_calibrated": format_number(c.get("null_mean_calibrated"), 2),
             "p_calibrated": format_number(c.get("p_calibrated")),
+            "p_calibrated_bh": "primary" if name == primary else format_number(c.get("p_calibrated_bh")),
             "direction": c.get("direction", ""),
         }
         for name, c in correlations.items()

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import false_discovery_control, rankdata
 
 
 def _rank_rows(values: np.ndarray) -> np.ndarray:
@@ -173,6 +173,20 @@ def tail_p(observed: float, null: np.ndarray) -> float:
     if np.isnan(observed) or null.size == 0:
         return float("nan")
     return float((1 + np.sum(null >= observed - 1e-12)) / (1 + null.size))
+
+
+def adjusted_p_values(p_values: dict[str, float]) -> dict[str, float]:
+    """Benjamini-Hochberg adjusted p-values of a family of tests (false discovery rate), NaNs left out.
+
+    For the secondary (exploratory) scores of a condition: many scores are tested, so a small raw p of
+    one of them is weak evidence; an adjusted p below alpha keeps the expected share of false
+    discoveries among the flagged scores below alpha.
+    """
+    names = [name for name, p in p_values.items() if np.isfinite(p)]
+    if not names:
+        return {}
+    adjusted = false_discovery_control([p_values[name] for name in names], method="bh")
+    return {name: float(value) for name, value in zip(names, adjusted, strict=True)}
 
 
 def calibration_factors(
