@@ -174,7 +174,8 @@ def test_tree_unet_parameter_count_matches_the_reference_layout():
         ("fp32", 3, 0, 8, False),  # all folds; per-row conditioning
         ("bf16", 3, 0, 8, False),
         ("fp32", 0, 0, 9, True),  # masked-process vocabulary; one time for the batch: shared conditioning
-        ("fp32", 0, 1, 8, True),  # residual blocks at level 0: no table fold, up folds only
+        ("fp32", 0, 1, 8, True),  # residual blocks at level 0: the plain forward, no folds
+        ("fp32", 0, 0, 300, True),  # training path without tables (too few tokens), sampling with them
     ],
 )
 def test_fused_inference_path_computes_the_training_function(

@@ -210,9 +210,13 @@ class TreeUNet(nn.Module):
         return down.view(x.shape[0], x.shape[1] // stride, -1), F.embedding(x, skip_table)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        tables = self._uses_tables(x)
-        if self._fused_cache is not None and not torch.is_grad_enabled() and tables:
+        # Inside frozen_weights the folds are built once for many calls, so their cost does not matter;
+        # only their size: up to 65,536 table rows (vocabularies of 32,768 tokens at s = 2).
+        frozen = self._fused_cache is not None and not torch.is_grad_enabled()
+        rows = self.down[0].stride * self.embedding.num_embeddings
+        if frozen and not self.blocks_per_level and rows <= 1 << 16:
             return self._frozen_forward(x, t, classes)
+        tables = self._uses_tables(x)
         cond = self.conditioning(t, classes)[:, None, :]  # (B, 1, W)
         skips = []  # per level: the skip connection, through merge_skip
         if tables:
