@@ -309,3 +309,21 @@ def test_modality_can_be_forced(tmp_path: Path) -> None:
     )
     assert result.modality == "text" and result.matches["exact"].tolist() == [True]
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["modality"] == "text"
+
+
+def test_crop_search_from_the_cli_names_the_window_in_the_report(tmp_path: Path) -> None:
+    from tests.test_audit import crop_and_enlarge, smooth_images
+
+    train = smooth_images(60, 32, seed=0)[..., 0]
+    cropped = crop_and_enlarge(train[7:8, :, :, None], 4, 2, 24)[..., 0]
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "gen.npy", np.concatenate([cropped, smooth_images(2, 32, seed=3)[..., 0]]))
+    out = tmp_path / "audit"
+    args = ("audit", "--train", tmp_path / "train.npy", "--generated", tmp_path / "gen.npy", "--out", out)
+    result = run_cli(*args, "--max-crop", "0.25", "--quiet")
+    assert result.returncode == 0, result.stderr
+    matches = pd.read_parquet(out / "matches.parquet")
+    assert matches["cropped"].tolist() == [True, False, False] and matches["train_index"][0] == 7
+    assert "crop 24×24 at (4, 2)" in (out / "report.html").read_text()
+    bad = run_cli(*args, "--max-crop", "1.5", "--overwrite", "--quiet")
+    assert bad.returncode == 2 and "max_crop" in bad.stderr and "Traceback" not in bad.stderr

@@ -229,6 +229,11 @@ def write_report(
                     f"RMS {row['d1']:.3f} · d1/d2 {row['d1_over_d2']:.3f} · tiled {row['tiled_l2']:.3f}"
                 ),
             }
+            if bool(row.get("cropped", False)):
+                pair["numbers"] += (
+                    f" · crop {int(row['crop_height'])}×{int(row['crop_width'])} at "
+                    f"({int(row['crop_top'])}, {int(row['crop_left'])}), RMS {row['crop_rms']:.3f}"
+                )
         else:
             train_i = int(row["train_index"]) if row["train_index"] >= 0 else int(row["span_train"])
             out_words = [str(w) for w in output_item(out_i)]
