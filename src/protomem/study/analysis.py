@@ -208,7 +208,7 @@ def analyze_condition(
             null_columns["rho"] += rhos.tolist()
         result["direction"] = "higher = more prototypical" if SCORE_SIGNS.get(name, 1.0) > 0 else "negated"
         correlations[name] = result
-    # The primary score is the one pre-registered test; the others are a family: adjust their p-values.
+    # The primary score is the one pre-specified test; the others are a family: adjust their p-values.
     for null_name in ("calibrated", "grammar"):
         secondary = {n: c[f"p_{null_name}"] for n, c in correlations.items() if n != analysis.primary_score}
         for name, adjusted in stats.adjusted_p_values(secondary).items():
