@@ -302,6 +302,26 @@ runner.run_study(sys.argv[1], preset="quick", progress=False, threads=1, jobs=2)
 """
 
 
+WATCHDOG_SCRIPT = """
+import sys, time
+from protomem.study.runner import _watch_parent
+_watch_parent(int(sys.argv[1]))
+time.sleep(1.0)
+print("alive")
+"""
+
+
+def test_study_worker_exits_when_its_study_process_is_already_gone():
+    # A worker is told its study's pid. One whose study died while it was still starting (its parent is
+    # now another process) must end at once, before taking any condition, not run on as an orphan.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = [sys.executable, "-c", WATCHDOG_SCRIPT]
+    orphan = subprocess.run([*run, "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert orphan.returncode == 1 and "alive" not in orphan.stdout
+    child = subprocess.run([*run, str(os.getpid())], env=env, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "alive", child.stderr
+
+
 @pytest.mark.slow
 def test_killed_parallel_study_leaves_no_orphans_and_resumes(tmp_path, monkeypatch):
     from protomem.study import runner

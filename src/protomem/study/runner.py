@@ -101,12 +101,21 @@ def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[
     return json.loads((out_dir / STUDY_FILE).read_text())
 
 
-_WATCHDOG: list[int] = []
+def _watch_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the study process ``parent`` dies (e.g. killed), so that
+    a resumed study never runs beside an orphan writing into the same condition directory.
+
+    The parent's pid is passed in, not read here: a parent killed while the worker was still starting
+    would otherwise be missed (the worker would take its new parent, init, for the study).
+    """
+    import threading
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Worker thread: end this worker when the study process dies (e.g. killed), so that a resumed
-    study never runs beside an orphan writing into the same condition directory."""
     while True:
         time.sleep(0.5)
         if os.getppid() != parent:
@@ -115,13 +124,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _run_one(config: ConditionConfig, condition_dir: str) -> str:
     """Worker: one condition, quietly (the parent shows progress); resumes whatever is there."""
-    import threading
-
     import torch
-
-    if not _WATCHDOG:
-        _WATCHDOG.append(os.getppid())
-        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
     torch.set_num_threads(int(config.diffusion.threads or 1))
     path = Path(condition_dir)
@@ -148,7 +151,9 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
     context = multiprocessing.get_context("spawn")
     dirs = {c.name: out_dir / "conditions" / c.name for c in conditions}
     with (
-        ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
+        ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
+        ) as pool,
         Progress(
             TextColumn("{task.description}"),
             BarColumn(),
