@@ -29,7 +29,7 @@ STAGES = ("setup", "train", "finer_sampler", "analysis", "report")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="quick", choices=("quick", "default"))
+    parser.add_argument("--preset", default="quick", choices=("quick", "default", "generalize-first"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads per condition")
     parser.add_argument(
         "--jobs", type=int, default=None, help="conditions at once (default cores // threads)"
@@ -56,8 +56,9 @@ def main() -> None:
             stages = summary["stage_seconds"]
             row = f"{name:<18}" + "".join(f"{stages.get(s, float('nan')):>13.1f}s" for s in STAGES)
             print(row + f"{summary['cpu_seconds']:>9.1f}s{summary['steps'][-1]:>7}")
+        target = {"quick": " (target: 60 s)", "default": " (target: 300 s)"}
         print(
-            f"study wall time {total:.1f} s (target: {'60' if args.preset == 'quick' else '300'} s); "
+            f"study wall time {total:.1f} s{target.get(args.preset, '')}; "
             f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
         print(f"verdict: {study['verdict']}")

@@ -117,6 +117,23 @@ def test_presets_validate_and_overrides_are_checked():
         get_preset("huge")
 
 
+def test_generalize_first_preset_samples_the_generalization_phase_and_has_controls():
+    conditions = get_preset("generalize-first").conditions
+    names = [c.name for c in conditions]
+    assert len(set(names)) == len(names) == 6
+    assert sorted(c.grammar.zipf_exponent for c in conditions) == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    for condition in conditions:
+        assert condition.data.n_train == 256 and condition.grammar.depth == 3
+        eval_steps = condition.evaluation.eval_steps
+        # the first evaluations fall before the scaling sweep's tau_gen at this P (about 55 steps)
+        assert eval_steps[0] == 25 and eval_steps[1] < 55
+        assert eval_steps[-1] == condition.diffusion.steps
+    # every condition its own grammar, data and model seed within a rule family
+    for zipf in (0.0, 1.0):
+        family = [c for c in conditions if c.grammar.zipf_exponent == zipf]
+        assert len({(c.grammar.seed, c.data.seed, c.diffusion.seed) for c in family}) == len(family)
+
+
 def test_adjusted_p_values_are_benjamini_hochberg_by_hand():
     # sorted raw p 0.01 < 0.03 < 0.04 with m = 3: p * m / rank = 0.03, 0.045, 0.04; then the running
     # minimum from the largest rank down: 0.03, 0.04, 0.04. NaN (an untestable score) is left out.

@@ -1,7 +1,7 @@
 """The memorization study: conditions, presets, the pipeline, statistics and reports.
 
 - :mod:`protomem.study.config`: ``ConditionConfig`` and ``apply_overrides``;
-- :mod:`protomem.study.presets`: ``get_preset("quick" | "default" | "paper")``;
+- :mod:`protomem.study.presets`: ``get_preset("quick" | "default" | "generalize-first" | "paper")``;
 - :mod:`protomem.study.pipeline`: ``run_condition`` (one condition into a run directory);
 - :mod:`protomem.study.runner`: ``run_study`` (every condition of a preset, pooled verdict);
 - :mod:`protomem.study.analysis`, :mod:`protomem.study.stats`: tables, Monte Carlo nulls, verdicts;

@@ -17,6 +17,7 @@ console = Console(stderr=True)
 class Preset(StrEnum):
     quick = "quick"
     default = "default"
+    generalize_first = "generalize-first"
     paper = "paper"
 
 
@@ -27,7 +28,9 @@ class Modality(StrEnum):
 
 def study(
     preset: Preset = typer.Option(
-        Preset.default, "--preset", help="quick (<1 min), default (<=5 min), paper (hours)."
+        Preset.default,
+        "--preset",
+        help="quick (<1 min), default (<=5 min), generalize-first (~10 min), paper (hours).",
     ),
     out: Path = typer.Option(None, "--out", help="Run directory (default: runs/study-<UTC timestamp>)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the killed study in this run directory."),
