@@ -5,7 +5,7 @@ A sweep file (YAML)::
     name: scaling                 # optional; default: the file's stem
     description: tau_mem vs P     # optional, shown in the report
     base:
-      preset: quick               # a study preset (quick | default | paper)
+      preset: quick               # a study preset (quick | default | generalize-first | paper)
       condition: 0                # which of the preset's conditions: index or name (default 0)
       overrides:                  # dotted config keys applied to every point
         train.steps: 4000
