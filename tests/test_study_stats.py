@@ -117,6 +117,19 @@ def test_presets_validate_and_overrides_are_checked():
         get_preset("huge")
 
 
+def test_verdict_names_the_null_that_was_not_beaten():
+    from protomem.study.analysis import verdict_lead
+
+    assert verdict_lead(0.002, 0.004, 0.01) == "Prototypical strings are memorized first"
+    only_calibrated = verdict_lead(0.002, 0.066, 0.01)
+    assert "grammar's rate" in only_calibrated.split("but")[1]
+    assert only_calibrated.endswith("(not beyond both nulls)")
+    only_grammar = verdict_lead(0.3, 0.004, 0.01)
+    assert "own rate" in only_grammar.split("but")[1] and only_grammar.endswith("(not beyond both nulls)")
+    assert verdict_lead(0.3, 0.5, 0.01).startswith("The data do not support")
+    assert verdict_lead(float("nan"), 0.004, 0.01) == verdict_lead(0.5, 0.004, 0.01)  # NaN never beats
+
+
 def test_generalize_first_preset_samples_the_generalization_phase_and_has_controls():
     conditions = get_preset("generalize-first").conditions
     names = [c.name for c in conditions]

@@ -314,6 +314,31 @@ def slop_slope(train_count: np.ndarray, sample_count: np.ndarray, n_train: int, 
     return float(np.polyfit(x, y, 1)[0])
 
 
+def verdict_lead(p_calibrated: float, p_grammar: float, alpha: float) -> str:
+    """The verdict's first words, from the p-values against the two nulls.
+
+    The claim needs both nulls beaten. When only one is, say which: beating the calibrated null alone
+    means prototypical strings are copied earlier than the model's own rate for strings of their
+    likelihood predicts, yet no earlier than copies at the grammar's rate p(x) would make them.
+    """
+    beats_calibrated, beats_grammar = p_calibrated < alpha, p_grammar < alpha
+    if beats_calibrated and beats_grammar:
+        return "Prototypical strings are memorized first"
+    if beats_calibrated:
+        return (
+            "Prototypical strings are memorized earlier than the model's own rate for strings of the same "
+            "likelihood predicts, but no earlier than copying at the grammar's rate predicts (not beyond "
+            "both nulls)"
+        )
+    if beats_grammar:
+        return (
+            "Prototypical strings are memorized earlier than copying at the grammar's rate predicts, but no "
+            "earlier than the model's own rate for strings of the same likelihood predicts (not beyond "
+            "both nulls)"
+        )
+    return "The data do not support that prototypical strings are memorized first beyond the nulls"
+
+
 def verdict_sentence(primary: dict[str, Any], score: str, alpha: float, n_memorized: int) -> str:
     """One sentence with the numbers; plain about a negative or inconclusive result."""
     rho, low, high = primary["rho"], primary["ci_low"], primary["ci_high"]
@@ -322,15 +347,12 @@ def verdict_sentence(primary: dict[str, Any], score: str, alpha: float, n_memori
         f"Spearman rho({score}, earliness of first memorization) = {rho:+.2f}, "
         f"95% CI [{low:+.2f}, {high:+.2f}], "
         f"Monte Carlo p = {p_cal:.3g} against the calibrated null (null mean "
-        f"{primary.get('null_mean_calibrated', np.nan):+.2f}) and p = {p_gram:.3g} against the grammar null"
+        f"{primary.get('null_mean_calibrated', np.nan):+.2f}) and p = {p_gram:.3g} against the grammar null "
+        f"(null mean {primary.get('null_mean_grammar', np.nan):+.2f})"
     )
     if n_memorized < 5 or np.isnan(rho):
         return f"Too few strings were memorized ({n_memorized}) to say which are memorized first ({numbers})."
-    if p_cal < alpha and p_gram < alpha:
-        return f"Prototypical strings are memorized first: {numbers}."
-    return (
-        f"The data do not support that prototypical strings are memorized first beyond the nulls: {numbers}."
-    )
+    return f"{verdict_lead(p_cal, p_gram, alpha)}: {numbers}."
 
 
 def write_table_pa(path: Path, table: pa.Table) -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 from protomem.errors import ProtomemError
 from protomem.io import is_non_empty_dir, start_fresh_run_dir, write_json_atomic
 from protomem.study import stats
+from protomem.study.analysis import verdict_lead
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
 from protomem.study.presets import get_preset
@@ -81,15 +82,11 @@ def study_verdict(pooled: dict[str, dict[str, float]], score: str, alpha: float)
         f"mean Spearman rho({score}, earliness of first memorization) over {main['n_conditions']} conditions "
         f"= {main['rho']:+.2f}, Monte Carlo p = {main['p_calibrated']:.3g} against the calibrated null "
         f"(null mean {main['null_mean_calibrated']:+.2f}) and p = {main['p_grammar']:.3g} "
-        "against the grammar null"
+        f"against the grammar null (null mean {main['null_mean_grammar']:+.2f})"
     )
     if np.isnan(main["rho"]):
         return f"The study could not measure the effect ({numbers})."
-    if main["p_calibrated"] < alpha and main["p_grammar"] < alpha:
-        return f"Prototypical strings are memorized first: {numbers}."
-    return (
-        f"The data do not support that prototypical strings are memorized first beyond the nulls: {numbers}."
-    )
+    return f"{verdict_lead(main['p_calibrated'], main['p_grammar'], alpha)}: {numbers}."
 
 
 def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
