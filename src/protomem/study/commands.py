@@ -30,7 +30,7 @@ def study(
     preset: Preset = typer.Option(
         Preset.default,
         "--preset",
-        help="quick (<1 min), default (<=5 min), generalize-first (~10 min), paper (hours).",
+        help="quick (<1 min), default (<=5 min), generalize-first (~8 min), paper (hours).",
     ),
     out: Path = typer.Option(None, "--out", help="Run directory (default: runs/study-<UTC timestamp>)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the killed study in this run directory."),

@@ -5,7 +5,7 @@
   training set holds a negligible share of the probability mass, so a copy cannot be a lucky grammatical
   sample) and the small grammar (v=8, m=3, L=3: 17,496 strings, where the nulls do the work), each with
   Zipf rules (exponent 1) and with uniform rules (the control), two seeds for the Zipf conditions.
-- ``generalize-first`` (about 10 minutes): the small grammar with P = 256 training strings, the
+- ``generalize-first`` (about 8 minutes): the small grammar with P = 256 training strings, the
   regime of the paper, where the model produces novel valid strings hundreds of steps before it copies
   (the scaling sweep's onsets: tau_gen ~ 55 steps, tau_mem ~ 900 at this P), trained until most
   training strings are memorized; Zipf rules with four seeds, uniform rules (the control) with two.
