@@ -117,6 +117,30 @@ def test_presets_validate_and_overrides_are_checked():
         get_preset("huge")
 
 
+def test_rank_residual_holds_the_control_out_of_a_score():
+    rng = np.random.default_rng(3)
+    likelihood = rng.normal(size=400)
+    own = rng.normal(size=400)  # the part of the score that likelihood does not explain
+    score = likelihood + 0.5 * own
+    residual = stats.rank_residual(score, likelihood)
+    # exactly uncorrelated with the control's ranks, and still carrying the score's own part
+    assert abs(np.corrcoef(residual, scipy_stats.rankdata(likelihood))[0, 1]) < 1e-12
+    assert stats.spearman(residual, own) > 0.7
+    # an outcome driven by likelihood alone: the raw score correlates with it, its residual does not
+    outcome = likelihood + rng.normal(0, 0.3, 400)
+    assert stats.spearman(score, outcome) > 0.7 and abs(stats.spearman(residual, outcome)) < 0.1
+    # an outcome driven by the score's own part is found through the residual
+    assert stats.spearman(residual, own + rng.normal(0, 0.3, 400)) > 0.6
+    # controls equal up to float rounding tie: same residual as exact ties
+    tied = np.repeat([-3.0, -2.0], 200)
+    jittered = tied + rng.normal(0, 1e-15, 400)
+    np.testing.assert_allclose(stats.rank_residual(score, jittered), stats.rank_residual(score, tied))
+    with_nan = score.copy()
+    with_nan[5] = np.nan
+    assert np.isnan(stats.rank_residual(with_nan, likelihood)[5])
+    assert np.isfinite(np.delete(stats.rank_residual(with_nan, likelihood), 5)).all()
+
+
 def test_verdict_names_the_null_that_was_not_beaten():
     from protomem.study.analysis import verdict_lead
 

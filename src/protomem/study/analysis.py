@@ -34,6 +34,11 @@ MODEL_SCORES = (
 )
 
 
+def beyond_likelihood_name(score: str) -> str:
+    """Name of ``score`` with log p(x) held out (its rank residual; higher = more prototypical)."""
+    return f"{score}_beyond_logprob"
+
+
 def level_label(level: int, grammar: RHM) -> str:
     """'level 2 (2-token blocks)'."""
     size = grammar.branching ** (grammar.depth - level)
@@ -143,6 +148,11 @@ def analyze_condition(
 
     # --- prototypicality and per-example table ---------------------------------------------------
     scores = prototypicality_table(grammar, data.tokens)
+    # Prototypical strings are also likely ones: the primary score with log p(x) held out (exploratory).
+    primary_name = analysis.primary_score
+    if primary_name != "logprob" and stats.varies(scores["logprob"]):
+        signed_primary = SCORE_SIGNS.get(primary_name, 1.0) * np.asarray(scores[primary_name], float)
+        scores[beyond_likelihood_name(primary_name)] = stats.rank_residual(signed_primary, scores["logprob"])
     per_example: dict[str, Any] = {
         "index": np.arange(P),
         "tokens": data.tokens.tolist(),

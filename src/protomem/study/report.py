@@ -50,6 +50,7 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
     """Write ``out_dir/report.html`` from the condition's tables; returns its path."""
     from protomem.htmlreport import figure_img, render_page
     from protomem.study import figures
+    from protomem.study.analysis import beyond_likelihood_name
 
     out_dir = Path(out_dir)
     summary = summary if summary is not None else _summary(out_dir)
@@ -67,6 +68,7 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
     # the scores a reader compares: likelihood, rule and block frequencies, nearest-neighbour distance
     wanted = ["logprob", "rule_count_mean", f"rule_count_l{depth - 1}", "nn_hamming"]
     wanted += [f"block_count_same_pos_l{lv}" for lv in range(1, depth)]
+    wanted.append(beyond_likelihood_name(primary))
     score_names = [n for n in dict.fromkeys([primary, *wanted]) if n in correlations]
 
     figs = {

@@ -99,6 +99,26 @@ def varies(values: np.ndarray) -> bool:
     return bool(np.ptp(values) > 1e-9 * max(1.0, float(np.abs(values).max())))
 
 
+def rank_residual(score: np.ndarray, control: np.ndarray) -> np.ndarray:
+    """The part of ``score`` that ``control`` does not explain, on the rank scale: (P,) residuals of
+    rank(score) after a least-squares line on rank(control); NaN where either is NaN.
+
+    A Spearman correlation with these residuals is the semi-partial Spearman correlation of the score
+    with the other variable, ``control`` held out of the score. ``control`` is rounded to 9 decimals
+    first, so values equal up to float rounding (sums of the same log-probabilities) tie.
+    """
+    score, control = np.asarray(score, dtype=float), np.asarray(control, dtype=float)
+    out = np.full(score.shape, np.nan)
+    keep = ~(np.isnan(score) | np.isnan(control))
+    if keep.sum() < 3:
+        return out
+    y, x = _rank_rows(score[keep]), _rank_rows(np.round(control[keep], 9))
+    x = x - x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum()) if (x * x).sum() > 0 else 0.0
+    out[keep] = y - y.mean() - slope * x
+    return out
+
+
 def earliness(first_index: np.ndarray) -> np.ndarray:
     """Minus the first memorized checkpoint index (never memorized = one past the last, tied last)."""
     return -np.asarray(first_index, dtype=float)
