@@ -82,6 +82,13 @@ def test_run_directory_has_every_output(tiny_run):
     secondary = [c for name, c in correlations.items() if name != summary["primary_score"]]
     assert secondary and all(c["p_calibrated_bh"] >= c["p_calibrated"] - 1e-12 for c in secondary)
     assert "p_calibrated_bh" not in correlations.get(summary["primary_score"], {})
+    # the primary score with log p(x) held out: a secondary score and a per-example column, its ranks
+    # uncorrelated with those of log p(x)
+    held_out = f"{summary['primary_score']}_beyond_logprob"
+    assert held_out in correlations and "p_grammar_bh" in correlations[held_out]
+    per_example = pd.read_parquet(tiny_run / "per_example.parquet")
+    logprob_ranks = per_example["logprob"].round(9).rank()
+    assert abs(np.corrcoef(per_example[held_out], logprob_ranks)[0, 1]) < 1e-9
     doc = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert doc["versions"]["torch"] == torch.__version__
     assert set(doc["seeds"]) == {"grammar", "data", "model", "analysis"}
@@ -283,6 +290,11 @@ def test_parallel_study_pools_conditions_and_renders(tmp_path, monkeypatch):
     ]
     assert study["pooled"]["rho"] == pytest.approx(np.nanmean(rhos))
     assert 0 < study["pooled"]["p_calibrated"] <= 1
+    # the held-out-likelihood score exists where log p(x) varies (Zipf), and is pooled over those only
+    held_out = study["pooled_beyond_likelihood"]
+    assert held_out["score"] == "rule_count_mean_beyond_logprob" and held_out["conditions"] == ["tiny-zipf"]
+    zipf = json.loads((out / "conditions" / "tiny-zipf" / "summary.json").read_text())
+    assert held_out["rho"] == pytest.approx(zipf["correlations"][held_out["score"]]["rho"])
     with pytest.raises(ProtomemError, match="--overwrite"):
         runner.run_study(out, preset="quick", progress=False)
     runner.run_study(out, resume=True, progress=False)  # everything done: only pools and re-renders

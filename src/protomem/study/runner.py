@@ -25,7 +25,7 @@ import pandas as pd
 from protomem.errors import ProtomemError
 from protomem.io import is_non_empty_dir, start_fresh_run_dir, write_json_atomic
 from protomem.study import stats
-from protomem.study.analysis import verdict_lead
+from protomem.study.analysis import beyond_likelihood_name, verdict_lead
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
 from protomem.study.presets import get_preset
@@ -259,6 +259,19 @@ def run_study(
     doc["pooled_groups"] = pooled
     doc["pooled"] = pooled["all conditions"]
     doc["verdict"] = study_verdict(pooled, doc["primary_score"], doc["alpha"])
+    # exploratory, not part of the verdict: the primary score with log p(x) held out, pooled over the
+    # conditions where it exists (those whose log p(x) varies, i.e. not uniform rules)
+    held_out = beyond_likelihood_name(doc["primary_score"])
+    with_score = [
+        c.name
+        for c in conditions
+        if held_out in (read_summary(out_dir / "conditions" / c.name) or {}).get("correlations", {})
+    ]
+    doc["pooled_beyond_likelihood"] = (
+        {"score": held_out, "conditions": with_score, **pooled_statistics(out_dir, with_score, held_out)}
+        if with_score
+        else None
+    )
     doc["seconds"] = time.perf_counter() - clock  # of the invocation that finished the study
     write_json_atomic(out_dir / STUDY_FILE, doc)
     render_study_report(out_dir)
