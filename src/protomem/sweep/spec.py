@@ -49,7 +49,7 @@ class BaseCondition(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("quick", description="Study preset: quick, default or paper.")
+    preset: str = Field("quick", description="Study preset: quick, default, generalize-first or paper.")
     condition: int | str = Field(0, description="Index or name of the condition within the preset.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted keys applied to every point.")
 
