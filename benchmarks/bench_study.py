@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe  # noqa: E402
 
+from protomem.study.presets import PRESETS  # noqa: E402
 from protomem.study.runner import run_study  # noqa: E402
 
 STAGES = ("setup", "train", "finer_sampler", "analysis", "report")
@@ -29,7 +30,7 @@ STAGES = ("setup", "train", "finer_sampler", "analysis", "report")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="quick", choices=("quick", "default", "generalize-first"))
+    parser.add_argument("--preset", default="quick", choices=[p for p in PRESETS if p != "paper"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads per condition")
     parser.add_argument(
         "--jobs", type=int, default=None, help="conditions at once (default cores // threads)"

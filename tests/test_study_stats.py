@@ -169,6 +169,13 @@ def test_generalize_first_preset_samples_the_generalization_phase_and_has_contro
     for zipf in (0.0, 1.0):
         family = [c for c in conditions if c.grammar.zipf_exponent == zipf]
         assert len({(c.grammar.seed, c.data.seed, c.diffusion.seed) for c in family}) == len(family)
+    # the replication: the same design on new Zipf seeds only, none shared with the first run
+    replication = get_preset("generalize-first-replication").conditions
+    assert len(replication) == 6 and {c.grammar.zipf_exponent for c in replication} == {1.0}
+    assert not {c.grammar.seed for c in replication} & {c.grammar.seed for c in conditions}
+    assert not {c.data.seed for c in replication} & {c.data.seed for c in conditions}
+    first = get_preset("generalize-first").conditions[0]
+    assert replication[0].diffusion.model_copy(update={"seed": 0}) == first.diffusion
 
 
 def test_adjusted_p_values_are_benjamini_hochberg_by_hand():

@@ -18,6 +18,7 @@ class Preset(StrEnum):
     quick = "quick"
     default = "default"
     generalize_first = "generalize-first"
+    generalize_first_replication = "generalize-first-replication"
     paper = "paper"
 
 
@@ -30,7 +31,8 @@ def study(
     preset: Preset = typer.Option(
         Preset.default,
         "--preset",
-        help="quick (<1 min), default (<=5 min), generalize-first (~8 min), paper (hours).",
+        help="quick (<1 min), default (<=5 min), generalize-first and its -replication (~8 min each), "
+        "paper (hours).",
     ),
     out: Path = typer.Option(None, "--out", help="Run directory (default: runs/study-<UTC timestamp>)."),
     resume: Path = typer.Option(None, "--resume", help="Continue the killed study in this run directory."),

@@ -9,6 +9,8 @@
   regime of the paper, where the model produces novel valid strings hundreds of steps before it copies
   (the scaling sweep's onsets: tau_gen ~ 55 steps, tau_mem ~ 900 at this P), trained until most
   training strings are memorized; Zipf rules with four seeds, uniform rules (the control) with two.
+- ``generalize-first-replication`` (about 8 minutes): the same design on six new Zipf seeds, the
+  pre-specified test of the primary score with log p(x) held out.
 - ``paper``: the published scale (width-1024 tree U-Net, thousands of training strings; hours).
 
 Training settings are tuned for speed and to cross from generalization into memorization within the
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from protomem.errors import ProtomemError
 from protomem.study.config import ConditionConfig, apply_overrides
 
-PRESETS = ("quick", "default", "generalize-first", "paper")
+PRESETS = ("quick", "default", "generalize-first", "generalize-first-replication", "paper")
 
 
 @dataclass
@@ -148,13 +150,13 @@ def default_preset() -> StudyPreset:
     return StudyPreset("default", "large and small grammar, Zipf and uniform rules, <= 5 minutes", conditions)
 
 
-def generalize_first_preset() -> StudyPreset:
-    """The small grammar at P = 256: generalization (novel valid samples) first, then memorization."""
+def _window_conditions(zipf_seeds: tuple[int, ...], uniform_seeds: tuple[int, ...]) -> list[ConditionConfig]:
+    """The generalize-first design (small grammar, P = 256, 10k steps) for the given seeds."""
     steps = 10_000
     evaluation = {"n_evals": 12, "n_samples": 512}
     analysis = {"n_null_draws": 500}
     conditions = []
-    for zipf, seeds in ((1.0, (0, 1, 2, 3)), (0.0, (0, 1))):
+    for zipf, seeds in ((1.0, zipf_seeds), (0.0, uniform_seeds)):
         kind = "zipf" if zipf else "uniform"
         for seed in seeds:
             condition = _condition(
@@ -167,10 +169,25 @@ def generalize_first_preset() -> StudyPreset:
             )
             # evaluations from step 25, to show the generalization phase before the first copies
             conditions.append(apply_overrides(condition, {"evaluation.eval_steps": log_steps(25, steps, 12)}))
+    return conditions
+
+
+def generalize_first_preset() -> StudyPreset:
+    """The small grammar at P = 256: generalization (novel valid samples) first, then memorization."""
     return StudyPreset(
         "generalize-first",
         "small grammar, P = 256: novel valid strings long before copies, trained until most are memorized",
-        conditions,
+        _window_conditions(zipf_seeds=(0, 1, 2, 3), uniform_seeds=(0, 1)),
+    )
+
+
+def generalize_first_replication_preset() -> StudyPreset:
+    """The generalize-first design on six new Zipf seeds (4-9): the pre-specified test of the primary
+    score with log p(x) held out (see the README), which the first run only hinted at."""
+    return StudyPreset(
+        "generalize-first-replication",
+        "the generalize-first design on six new Zipf seeds: a pre-specified test of the held-out score",
+        _window_conditions(zipf_seeds=(4, 5, 6, 7, 8, 9), uniform_seeds=()),
     )
 
 
@@ -209,6 +226,7 @@ def get_preset(name: str) -> StudyPreset:
         "quick": quick_preset,
         "default": default_preset,
         "generalize-first": generalize_first_preset,
+        "generalize-first-replication": generalize_first_replication_preset,
         "paper": paper_preset,
     }
     if name not in builders:
