@@ -328,7 +328,9 @@ def test_study_worker_exits_when_its_study_process_is_already_gone():
     # now another process) must end at once, before taking any condition, not run on as an orphan.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     run = [sys.executable, "-c", WATCHDOG_SCRIPT]
-    orphan = subprocess.run([*run, "1"], env=env, capture_output=True, text=True, timeout=120)
+    # this test's own parent is never the child's parent (pid 1 would be, were the test itself pid 1)
+    not_parent = str(os.getppid())
+    orphan = subprocess.run([*run, not_parent], env=env, capture_output=True, text=True, timeout=120)
     assert orphan.returncode == 1 and "alive" not in orphan.stdout
     child = subprocess.run([*run, str(os.getpid())], env=env, capture_output=True, text=True, timeout=120)
     assert child.returncode == 0 and child.stdout.strip() == "alive", child.stderr

@@ -113,9 +113,10 @@ def rank_residual(score: np.ndarray, control: np.ndarray) -> np.ndarray:
     if keep.sum() < 3:
         return out
     y, x = _rank_rows(score[keep]), _rank_rows(np.round(control[keep], 9))
-    x = x - x.mean()
-    slope = float((x * (y - y.mean())).sum() / (x * x).sum()) if (x * x).sum() > 0 else 0.0
-    out[keep] = y - y.mean() - slope * x
+    x, y = x - x.mean(), y - y.mean()
+    spread = float((x * x).sum())
+    slope = float((x * y).sum()) / spread if spread > 0 else 0.0
+    out[keep] = y - slope * x
     return out
 
 
