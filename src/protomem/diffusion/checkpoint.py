@@ -14,6 +14,9 @@ A checkpoint directory appears only once complete (built in a staging directory,
 ``latest.json`` is replaced atomically after it, so a kill at any moment leaves the previous checkpoint
 usable. Loading verifies the format tag, the sha256 of every tensor file and every tensor's name and
 shape against the model the config describes, and refuses anything else with a one-line message.
+
+Checkpoints do not depend on the device a run trained on: tensors are written from CPU copies, always read
+onto the CPU and validated there, and only then moved to the device the caller asks for.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from protomem.diffusion.config import DiffusionConfig, config_from_dict
+from protomem.diffusion.device import resolve_device
 from protomem.diffusion.models import build_model
 from protomem.diffusion.processes import NoiseProcess, build_process
 from protomem.errors import ProtomemError
@@ -62,9 +66,11 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` (complete or not at all); returns its directory. Does not move latest."""
     target = checkpoint_dir(run_dir, step)
-    tensors = {f"model.{name}": p.detach().contiguous() for name, p in model.state_dict().items()}
+    tensors = {f"model.{name}": p.detach().cpu().contiguous() for name, p in model.state_dict().items()}
     if ema_model is not None:
-        tensors.update({f"ema.{name}": p.detach().contiguous() for name, p in ema_model.state_dict().items()})
+        tensors.update(
+            {f"ema.{name}": p.detach().cpu().contiguous() for name, p in ema_model.state_dict().items()}
+        )
     with new_output_dir(target, overwrite=True) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": FORMAT})
         files = {"model.safetensors": sha256_of(staging / "model.safetensors")}
@@ -72,7 +78,7 @@ def save_checkpoint(
         if optimizer is not None:
             opt_state = optimizer.state_dict()
             opt_tensors = {
-                f"{index}.{key}": value.contiguous()
+                f"{index}.{key}": value.cpu().contiguous()
                 for index, entries in opt_state["state"].items()
                 for key, value in entries.items()
             }
@@ -216,10 +222,11 @@ class LoadedCheckpoint:
     Attributes:
         model: the denoiser in eval mode, with the EMA weights when the run kept an EMA (``uses_ema``).
         process: the noise process (its ``sample`` draws sequences).
-        config: the run's DiffusionConfig.
+        config: the run's DiffusionConfig (its ``device`` is the one the run trained on).
         step: the training step of this checkpoint.
         run_dir: the run directory.
         uses_ema: whether ``model`` holds EMA weights.
+        device: where ``model`` lives (sampling runs there).
     """
 
     model: nn.Module
@@ -228,12 +235,22 @@ class LoadedCheckpoint:
     step: int
     run_dir: Path
     uses_ema: bool
+    device: torch.device = torch.device("cpu")
 
 
 def load_checkpoint(
-    run_dir: str | Path, step: int | None = None, *, use_ema: bool = True
+    run_dir: str | Path,
+    step: int | None = None,
+    *,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
-    """Load checkpoint ``step`` of a run (the latest if None). EMA weights are used when present."""
+    """Load checkpoint ``step`` of a run (the latest if None). EMA weights are used when present.
+
+    The tensors are read and checked on the CPU, then the model moves to ``device`` (a setting such as
+    ``"auto"`` or ``"cuda:1"``, or a torch device), whatever device the run was trained on.
+    """
+    target = device if isinstance(device, torch.device) else resolve_device(device)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ProtomemError("no such run directory", path=run_dir)
@@ -253,7 +270,7 @@ def load_checkpoint(
     has_ema = any(k.startswith("ema.") for k in tensors)
     prefix = "ema" if (use_ema and has_ema) else "model"
     load_weights(model, tensors, prefix, directory / "model.safetensors")
-    model.eval()
+    model.to(target).eval()
     return LoadedCheckpoint(
         model=model,
         process=process,
@@ -261,4 +278,5 @@ def load_checkpoint(
         step=int(doc["step"]),
         run_dir=run_dir,
         uses_ema=prefix == "ema",
+        device=target,
     )
