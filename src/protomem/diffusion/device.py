@@ -56,14 +56,27 @@ def resolve_device(name: str | torch.device) -> torch.device:
     index = torch.cuda.current_device() if name == "cuda" else int(name.split(":")[1])
     count = torch.cuda.device_count()
     if index >= count:
-        raise ProtomemError(f"device {name} requested, but torch sees {count} CUDA device(s) (0..{count - 1})")
+        raise ProtomemError(f"device {name} requested, but torch sees {count} CUDA device(s): 0..{count - 1}")
     return torch.device("cuda", index)
 
 
-def device_label(device: torch.device) -> str:
-    """One line naming the hardware: ``cuda:0 (NVIDIA A100-SXM4-80GB, 80 GB)``, ``cpu (Intel ..., 2 cores)``."""
-    import os
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else the platform's answer, else "unknown")."""
     import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_label(device: torch.device) -> str:
+    """The hardware in one line: ``cuda:0 (NVIDIA A100-SXM4-80GB, 80 GB)``, ``cpu (AMD EPYC, 2 cores)``."""
+    import os
 
     import torch
 
@@ -71,15 +84,7 @@ def device_label(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return f"{device} ({props.name}, {props.total_memory / 1024**3:.0f} GB)"
     if device.type == "cpu":
-        model = platform.processor() or "unknown CPU"
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as handle:
-                model = next(
-                    (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model
-                )
-        except OSError:
-            pass
-        return f"cpu ({model}, {os.cpu_count()} cores)"
+        return f"cpu ({cpu_model()}, {os.cpu_count()} cores)"
     return str(device)
 
 
