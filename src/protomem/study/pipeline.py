@@ -2,7 +2,7 @@
 
 ``run_condition(config, out_dir)`` writes into ``out_dir``:
 
-    config.yaml          the resolved condition, seeds, package versions, threads used
+    config.yaml          the resolved condition, seeds, package versions, the device trained on
     grammar.json         the RHM
     train.parquet        the P training strings (tokens, class, logprob)
     train/               the diffusion run (checkpoints/, its own config.yaml and loss log metrics.parquet)
@@ -26,13 +26,15 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from protomem.diffusion.config import RESUME_FREE_FIELDS
+from protomem.diffusion.device import device_label, resolve_device
 from protomem.errors import ProtomemError
 from protomem.grammar import RHM, load_grammar, sample_distinct_strings, sample_grammar, save_grammar
 from protomem.io import (
@@ -45,6 +47,9 @@ from protomem.io import (
 )
 from protomem.memorization.hierarchy import Classification, classify_samples
 from protomem.study.config import ConditionConfig, condition_from_dict
+
+if TYPE_CHECKING:
+    import torch
 
 EVALS_DIR = "evals"
 TRAIN_DIR = "train"
@@ -121,8 +126,9 @@ def _prepare_dir(config: ConditionConfig, out_dir: Path, resume: bool, overwrite
         return
     saved = load_condition_config(out_dir).model_dump(mode="json")
     mine = config.model_dump(mode="json")
-    saved["diffusion"].pop("threads", None)
-    mine["diffusion"].pop("threads", None)
+    for free in RESUME_FREE_FIELDS:  # threads and device may change between a run and its resumption
+        saved["diffusion"].pop(free, None)
+        mine["diffusion"].pop(free, None)
     if saved != mine:
         raise ProtomemError(
             "the run directory holds a different condition; resume it with its own config", path=out_dir
@@ -163,8 +169,8 @@ def run_condition(
     """Run one condition into ``out_dir`` (see the module docstring) and return ``out_dir``.
 
     Args:
-        resume: continue a killed run (its config must match, apart from threads); a complete run is
-            returned as is.
+        resume: continue a killed run (its config must match, apart from threads and device); a complete
+            run is returned as is.
         overwrite: replace a non-empty ``out_dir`` (otherwise refused).
         progress: show progress bars and stage messages.
     """
@@ -184,6 +190,7 @@ def run_condition(
     data = sample_distinct_strings(grammar, config.data.n_train, seed=config.data.seed)
     write_strings(out_dir / "train.parquet", data.tokens, classes=data.classes, logprobs=data.logprob)
     diffusion_config = config.diffusion_config()
+    device = resolve_device(diffusion_config.device)
     doc = {
         "condition": config.model_dump(mode="json"),
         "diffusion_config": diffusion_config.model_dump(mode="json"),
@@ -194,6 +201,8 @@ def run_condition(
             "analysis": config.analysis.seed,
         },
         "versions": _versions(),
+        "device": str(device),
+        "device_label": device_label(device),
     }
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
     timings["setup"] = time.perf_counter() - clock
@@ -201,7 +210,9 @@ def run_condition(
     def on_eval(step: int, _samples: np.ndarray, info: dict[str, Any]) -> None:
         # Sample from the checkpoint just written, through the same load_checkpoint + generate path that
         # `protomem sample` and the finer-sampler check use, so every sample can be regenerated later.
-        samples = _sample_checkpoint(out_dir, step, config.evaluation.n_samples, None, config.diffusion.seed)
+        samples = _sample_checkpoint(
+            out_dir, step, config.evaluation.n_samples, None, config.diffusion.seed, device
+        )
         result = classify_samples(grammar, data.tokens, samples)
         columns = _samples_columns(step, "train", samples, result)
         columns["loss"] = np.full(len(samples), info["loss"])
@@ -226,7 +237,7 @@ def run_condition(
     finer_path = out_dir / EVALS_DIR / "finer.parquet"
     if not finer_path.is_file():
         say(f"finer-sampler check on the final checkpoint ({config.finer_sampling_steps()} steps)")
-        _finer_check(config, out_dir, grammar, data.tokens, finer_path, result.threads)
+        _finer_check(config, out_dir, grammar, data.tokens, finer_path, result.threads, device)
     timings["finer_sampler"] = time.perf_counter() - clock
 
     from protomem.study.analysis import analyze_condition
@@ -238,6 +249,7 @@ def run_condition(
 
     summary["min_excess"] = config.analysis.min_excess
     summary["threads"] = int(result.threads)
+    summary["device"] = result.device
     summary["train_seconds"] = float(result.seconds)
     summary["status"] = "analysed"
     write_json_atomic(out_dir / "summary.json", summary)
@@ -259,18 +271,30 @@ def run_condition(
 
 
 def _sample_checkpoint(
-    out_dir: Path, step: int | None, count: int, sampling_steps: int | None, seed: int
+    out_dir: Path,
+    step: int | None,
+    count: int,
+    sampling_steps: int | None,
+    seed: int,
+    device: torch.device,
 ) -> np.ndarray:
-    """(count, N) samples of the checkpoint at ``step`` (latest if None), seeded by (seed, step)."""
+    """(count, N) samples (numpy) of the checkpoint at ``step`` (latest if None) drawn on ``device``,
+    seeded by (seed, step)."""
     from protomem.diffusion import generate, load_checkpoint
 
-    loaded = load_checkpoint(out_dir / TRAIN_DIR, step)
+    loaded = load_checkpoint(out_dir / TRAIN_DIR, step, device=device)
     key = int(np.random.SeedSequence([seed, int(loaded.step), 0x5EED]).generate_state(1)[0])
     return generate(loaded, count, sampling_steps=sampling_steps, seed=key)
 
 
 def _finer_check(
-    config: ConditionConfig, out_dir: Path, grammar: RHM, train_tokens: np.ndarray, path: Path, threads: int
+    config: ConditionConfig,
+    out_dir: Path,
+    grammar: RHM,
+    train_tokens: np.ndarray,
+    path: Path,
+    threads: int,
+    device: torch.device,
 ) -> None:
     import torch
 
@@ -286,6 +310,7 @@ def _finer_check(
             config.evaluation.n_samples,
             config.finer_sampling_steps(),
             config.diffusion.seed + 1,
+            device,
         )
     finally:
         torch.set_num_threads(previous)

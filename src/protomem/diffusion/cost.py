@@ -1,0 +1,151 @@
+"""What one training step and one sampler step of a config cost: FLOPs counted, seconds timed.
+
+FLOPs are counted by torch's ``FlopCounterMode`` over one real step (the matrix products of forward and
+backward; elementwise work is not counted), the count the benchmarks report. Seconds are the median of a
+few timed steps after warm-up, on the config's device, with the caller's torch thread count: on a
+shared machine they include whatever else is running.
+
+    cost = measure_step_cost(config, sample_batch=512)
+    cost.train_seconds * config.steps   # training time, evaluations aside
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from protomem.diffusion.config import DiffusionConfig
+from protomem.diffusion.device import resolve_device, synchronize
+from protomem.diffusion.models import count_parameters, frozen_weights
+from protomem.diffusion.sampling import precision_context, sample_tokens, seeded_generator
+from protomem.diffusion.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Cost of one step of a config on one device.
+
+    Attributes:
+        n_parameters: parameters of the denoiser.
+        train_flops: FLOPs of one optimizer step (forward + backward of a batch of ``batch_size``).
+        train_seconds: wall seconds of one optimizer step (median of the timed steps).
+        sample_flops: FLOPs of one sampler step of one sequence (denoiser forward, folded weights).
+        sample_seconds: wall seconds of one sampler step of one sequence, timed in batches of
+            ``sample_batch`` sequences (the per-batch time divided by the batch).
+        sample_batch: sequences denoised at once while timing.
+        device: the device timed on.
+        threads: torch threads while timing.
+    """
+
+    n_parameters: int
+    train_flops: float
+    train_seconds: float
+    sample_flops: float
+    sample_seconds: float
+    sample_batch: int
+    device: str
+    threads: int
+
+
+def make_trainer(config: DiffusionConfig, device: torch.device | None = None) -> Trainer:
+    """A Trainer on random in-vocabulary data (4 batches' worth; the step cost does not depend on it)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = max(64, 4 * config.batch_size)
+    tokens = torch.randint(0, config.vocab_size, (rows, config.seq_len), generator=generator)
+    classes = None
+    if config.n_classes > 0:
+        classes = torch.randint(0, config.n_classes, (rows,), generator=generator)
+    return Trainer(config, tokens, classes, device)
+
+
+def train_step_flops(trainer: Trainer, step: int = 1) -> float:
+    """FLOPs of optimizer step ``step`` of ``trainer`` (which takes that step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.step(step)
+    return float(counter.get_total_flops())
+
+
+def sample_step_flops(trainer: Trainer, batch: int) -> float:
+    """FLOPs of one sampler step of one sequence: a denoiser forward of ``batch`` noisy sequences with the
+    weights folded as sampling folds them (the folding itself, once per sampling call, is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, config, device = trainer.sampling_model, trainer.config, trainer.device
+    generator = seeded_generator(0, device=device)
+    x = torch.randint(
+        0, trainer.process.n_input_tokens, (batch, config.seq_len), generator=generator, device=device
+    )
+    t = torch.full((batch,), 0.5, device=device)
+    classes = None
+    if config.n_classes > 0:
+        classes = torch.randint(0, config.n_classes, (batch,), generator=generator, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), precision_context(trainer.precision, device.type), frozen_weights(model):
+            model(x, t, classes)  # builds the folds
+            with FlopCounterMode(display=False) as counter:
+                model(x, t, classes)
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops()) / batch
+
+
+def time_train_steps(trainer: Trainer, steps: int = 3, warmup: int = 2, first_step: int = 1) -> float:
+    """Median wall seconds of ``steps`` optimizer steps after ``warmup`` untimed ones."""
+    for k in range(warmup):
+        trainer.step(first_step + k)
+    times = []
+    for k in range(steps):
+        synchronize(trainer.device)
+        start = time.perf_counter()
+        trainer.step(first_step + warmup + k)
+        synchronize(trainer.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_sample_steps(trainer: Trainer, batch: int, steps: int = 3) -> float:
+    """Wall seconds of one sampler step of one sequence: ``steps`` steps of ``batch`` sequences, timed
+    after a one-step warm-up, divided by ``steps * batch``."""
+    model, process, config = trainer.sampling_model, trainer.process, trainer.config
+    sample_tokens(model, process, config, batch, seeded_generator(0, device=trainer.device), sampling_steps=1)
+    synchronize(trainer.device)
+    start = time.perf_counter()
+    sample_tokens(
+        model, process, config, batch, seeded_generator(1, device=trainer.device), sampling_steps=steps
+    )
+    synchronize(trainer.device)
+    return (time.perf_counter() - start) / (steps * batch)
+
+
+def measure_step_cost(
+    config: DiffusionConfig,
+    *,
+    sample_batch: int = 512,
+    timed_steps: int = 3,
+    device: torch.device | None = None,
+) -> StepCost:
+    """Count and time one training step and one sampler step of ``config`` (on ``device``, default the
+    config's, resolved) with the current torch thread count. Takes a few steps' time (plus warm-up)."""
+    target = device if device is not None else resolve_device(config.device)
+    trainer = make_trainer(config, target)
+    train_flops = train_step_flops(trainer)
+    train_seconds = time_train_steps(trainer, steps=timed_steps, first_step=2)
+    sample_flops = sample_step_flops(trainer, min(sample_batch, 64))
+    sample_seconds = time_sample_steps(trainer, sample_batch, steps=timed_steps)
+    return StepCost(
+        n_parameters=count_parameters(trainer.model),
+        train_flops=train_flops,
+        train_seconds=train_seconds,
+        sample_flops=sample_flops,
+        sample_seconds=sample_seconds,
+        sample_batch=sample_batch,
+        device=str(target),
+        threads=torch.get_num_threads(),
+    )
