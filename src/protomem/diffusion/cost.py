@@ -96,32 +96,41 @@ def sample_step_flops(trainer: Trainer, batch: int) -> float:
     return float(counter.get_total_flops()) / batch
 
 
-def time_train_steps(trainer: Trainer, steps: int = 3, warmup: int = 2, first_step: int = 1) -> float:
-    """Median wall seconds of ``steps`` optimizer steps after ``warmup`` untimed ones."""
+def time_train_steps(
+    trainer: Trainer, steps: int = 3, warmup: int = 2, first_step: int = 1, min_seconds: float = 1.0
+) -> float:
+    """Median wall seconds of an optimizer step: after ``warmup`` untimed steps, at least ``steps`` timed
+    ones and more (up to 100) until ``min_seconds`` have passed, so fast steps are timed many times."""
     for k in range(warmup):
         trainer.step(first_step + k)
-    times = []
-    for k in range(steps):
+    times: list[float] = []
+    step = first_step + warmup
+    while len(times) < steps or (sum(times) < min_seconds and len(times) < 100):
         synchronize(trainer.device)
         start = time.perf_counter()
-        trainer.step(first_step + warmup + k)
+        trainer.step(step)
         synchronize(trainer.device)
         times.append(time.perf_counter() - start)
+        step += 1
     return statistics.median(times)
 
 
-def time_sample_steps(trainer: Trainer, batch: int, steps: int = 3) -> float:
-    """Wall seconds of one sampler step of one sequence: ``steps`` steps of ``batch`` sequences, timed
-    after a one-step warm-up, divided by ``steps * batch``."""
+def time_sample_steps(trainer: Trainer, batch: int, steps: int = 3, min_seconds: float = 0.5) -> float:
+    """Wall seconds of one sampler step of one sequence: calls of ``steps`` sampler steps on ``batch``
+    sequences after a one-step warm-up, repeated until ``min_seconds`` have passed; total time divided by
+    the sequence-steps drawn."""
     model, process, config = trainer.sampling_model, trainer.process, trainer.config
     sample_tokens(model, process, config, batch, seeded_generator(0, device=trainer.device), sampling_steps=1)
-    synchronize(trainer.device)
-    start = time.perf_counter()
-    sample_tokens(
-        model, process, config, batch, seeded_generator(1, device=trainer.device), sampling_steps=steps
-    )
-    synchronize(trainer.device)
-    return (time.perf_counter() - start) / (steps * batch)
+    calls, elapsed = 0, 0.0
+    while calls == 0 or (elapsed < min_seconds and calls < 100):
+        generator = seeded_generator(1 + calls, device=trainer.device)
+        synchronize(trainer.device)
+        start = time.perf_counter()
+        sample_tokens(model, process, config, batch, generator, sampling_steps=steps)
+        synchronize(trainer.device)
+        elapsed += time.perf_counter() - start
+        calls += 1
+    return elapsed / (calls * steps * batch)
 
 
 def measure_step_cost(

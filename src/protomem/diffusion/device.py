@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+|mps)$"
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+# The sustained GPU throughput (TFLOP/s) that plans convert FLOPs to GPU-hours with, unless told another:
+# an assumption (about a sixth of an A100's dense bf16 peak), not a measurement.
+DEFAULT_GPU_TFLOPS = 50.0
 
 
 def check_device_name(name: str) -> str:

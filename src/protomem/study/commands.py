@@ -9,9 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from protomem.diffusion.device import DEVICE_CHOICES
+from protomem.diffusion.device import DEFAULT_GPU_TFLOPS, DEVICE_CHOICES
 from protomem.errors import ProtomemError
-from protomem.study.plan import DEFAULT_GPU_TFLOPS
 
 console = Console(stderr=True)
 
