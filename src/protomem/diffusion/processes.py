@@ -67,8 +67,9 @@ class NoiseProcess(ABC):
         generator: torch.Generator,
         draws: int,
     ) -> torch.Tensor:
-        """(B,) float64: each sequence's negative ELBO in nats (the bound the loss trains, whole sequence),
-        an unbiased estimate from ``draws`` stratified noise draws per sequence.
+        """(B,) float64 on the CPU: each sequence's negative ELBO in nats (the bound the loss trains, whole
+        sequence), an unbiased estimate from ``draws`` stratified noise draws per sequence; the noise is
+        drawn on ``x0``'s device, where ``generator`` must live.
 
         The noise comes from ``generator`` only and does not depend on the model: the same generator state
         and sequences give the same noise at every checkpoint, so bounds of different checkpoints differ
@@ -76,10 +77,18 @@ class NoiseProcess(ABC):
         """
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (not MPS, which gets float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _stratified_uniform(rows: int, draws: int, generator: torch.Generator) -> torch.Tensor:
-    """(rows, draws) float64 in [0, 1): draw j of a row lies in the stratum [j / draws, (j + 1) / draws)."""
-    offsets = torch.rand((rows, draws), generator=generator, dtype=torch.float64)
-    return (torch.arange(draws, dtype=torch.float64) + offsets) / draws
+    """(rows, draws) float64 (float32 on MPS) in [0, 1) on the generator's device: draw j of a row lies in
+    the stratum [j / draws, (j + 1) / draws)."""
+    device = generator.device
+    dtype = wide_float(device)
+    offsets = torch.rand((rows, draws), generator=generator, dtype=dtype, device=device)
+    return (torch.arange(draws, dtype=dtype, device=device) + offsets) / draws
 
 
 def _categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -210,7 +219,7 @@ class UniformProcess(NoiseProcess):
         log_p = self._log_posterior(x_t, t, t - 1, log_p0)
         q = log_q.exp()
         kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum((-1, -2))  # (B * D,)
-        return kl.double().reshape(batch, draws).mean(1) * self.timesteps
+        return kl.cpu().double().reshape(batch, draws).mean(1) * self.timesteps
 
 
 def uniform_alpha_bar(schedule: str, timesteps: int) -> torch.Tensor:
@@ -338,7 +347,7 @@ class MaskedProcess(NoiseProcess):
         """
         batch, n = x0.shape
         k = (_stratified_uniform(batch, draws, generator) * n).long().clamp_(max=n - 1) + 1  # (B, D)
-        r = torch.rand((batch, draws, n), generator=generator, dtype=torch.float64)
+        r = torch.rand((batch, draws, n), generator=generator, dtype=wide_float(x0.device), device=x0.device)
         kth = torch.sort(r, dim=-1).values.gather(-1, (k - 1)[..., None])  # (B, D, 1)
         masked = (r <= kth).reshape(batch * draws, n)
         t = self.mask_fraction_to_time(kth.reshape(-1)).clamp(min=self.min_time).float()
@@ -347,7 +356,7 @@ class MaskedProcess(NoiseProcess):
         rep_classes = None if classes is None else classes.repeat_interleave(draws, dim=0)
         logits = model(x_t, t, rep_classes)
         nll = F.cross_entropy(logits.float().transpose(1, 2), x0_rep, reduction="none")  # (B * D, N)
-        per_draw = (nll * masked).sum(1).double() / k.reshape(-1).double()
+        per_draw = (nll * masked).sum(1).cpu().double() / k.reshape(-1).cpu().double()
         return per_draw.reshape(batch, draws).mean(1) * n
 
 

@@ -3,10 +3,12 @@
 For every distinct model of the conditions, a few training steps and sampler steps are timed on this
 machine (:func:`protomem.diffusion.cost.measure_step_cost`, which also counts their FLOPs), and the
 evaluation bookkeeping (classifying a batch of samples, writing its table) is timed once per grammar
-size. A condition then costs::
+size. The likelihood endpoint's forwards (``likelihood_draws`` x (P + held-out strings) per evaluation)
+cost a sampler step each. A condition then costs::
 
     train   = steps * seconds per training step
-    evals   = n_evals * (K * sampler steps * seconds per sequence-step + bookkeeping)
+    evals   = n_evals * ((K * sampler steps + likelihood forwards) * seconds per sequence-step
+                         + bookkeeping)
     finer   = K * finer sampler steps * seconds per sequence-step + bookkeeping
     other   = CONDITION_OVERHEAD_SECONDS (setup, analysis, report)
 
@@ -68,6 +70,7 @@ class ConditionEstimate:
     Attributes:
         name: the condition.
         steps, n_evals, n_samples, sampling_steps, finer_sampling_steps, n_train: its work.
+        likelihood_forwards: denoiser forwards of one sequence per evaluation for the likelihood endpoint.
         n_parameters: parameters of its denoiser.
         train_flops: FLOPs of one training step; sample_flops: of one sampler step of one sequence.
         step_seconds: timed seconds of one training step; sample_seconds: of one sequence-step.
@@ -82,6 +85,7 @@ class ConditionEstimate:
     sampling_steps: int
     finer_sampling_steps: int
     n_train: int
+    likelihood_forwards: int
     n_parameters: int
     train_flops: float
     sample_flops: float
@@ -101,6 +105,7 @@ class ConditionEstimate:
     def total_flops(self) -> float:
         """Training plus sampling FLOPs of the whole condition."""
         sequence_steps = self.n_samples * (self.n_evals * self.sampling_steps + self.finer_sampling_steps)
+        sequence_steps += self.n_evals * self.likelihood_forwards
         return self.steps * self.train_flops + sequence_steps * self.sample_flops
 
 
@@ -160,6 +165,13 @@ def cost_key(config: ConditionConfig) -> tuple:
     """What one step's cost depends on: the diffusion config without COST_FREE_FIELDS."""
     fields = config.diffusion_config().model_dump()
     return tuple(sorted((k, repr(v)) for k, v in fields.items() if k not in COST_FREE_FIELDS))
+
+
+def likelihood_forwards(config: ConditionConfig) -> int:
+    """Sequence forwards of one evaluation's likelihood endpoint: draws x (P + held-out strings)."""
+    evaluation = config.evaluation
+    heldout = evaluation.heldout_strings or config.data.n_train
+    return evaluation.likelihood_draws * (config.data.n_train + heldout) if evaluation.likelihood_draws else 0
 
 
 def _bookkeeping_seconds(config: ConditionConfig) -> float:
@@ -237,6 +249,7 @@ def plan_conditions(
                     sampling_steps=config.resolved_sampling_steps(),
                     finer_sampling_steps=condition.finer_sampling_steps(),
                     n_train=condition.data.n_train,
+                    likelihood_forwards=likelihood_forwards(condition),
                     n_parameters=cost.n_parameters,
                     train_flops=cost.train_flops,
                     sample_flops=cost.sample_flops,
@@ -251,7 +264,8 @@ def plan_conditions(
     factor = load_factor(load, cores, threads, jobs) if on_cpu else 1.0
     for e in estimates:
         e.train_seconds = factor * e.steps * e.step_seconds
-        per_eval = e.n_samples * e.sampling_steps * e.sample_seconds + e.bookkeeping_seconds
+        sequence_steps = e.n_samples * e.sampling_steps + e.likelihood_forwards
+        per_eval = sequence_steps * e.sample_seconds + e.bookkeeping_seconds
         e.eval_seconds = factor * e.n_evals * per_eval
         finer = e.n_samples * e.finer_sampling_steps * e.sample_seconds + e.bookkeeping_seconds
         e.finer_seconds = factor * finer
