@@ -30,8 +30,8 @@ def config(**fields) -> DiffusionConfig:
 def test_transformer_flops_match_its_matrix_arithmetic():
     # a transformer's matmuls per token and layer: 2 * (3W^2 + W^2 + 8W^2) for the linear layers and
     # 2 * 2 * N * W for attention (scores and values); the head 2 * W * V per token; the conditioning MLP
-    # 2 * (64 W + W^2) per sequence. torch's counter skips the CPU attention kernel (this torch counts it
-    # on CUDA), so either total is the right answer.
+    # 2 * (64 W + W^2) per sequence. torch's counter does not count the attention kernel this CPU uses
+    # (it does count some others), so either total is the right answer.
     width, n, layers, vocab, batch = 64, 16, 2, 8, 32
     trainer = make_trainer(
         config(model="transformer", width=width, n_layers=layers, n_heads=4, batch_size=batch, seq_len=n)
