@@ -97,7 +97,13 @@ def test_study_plan_prints_the_estimate_and_runs_nothing(tmp_path):
     done = run_cli("study", "--preset", "quick", "--plan", "--gpu-tflops", "10", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "small-zipf-s0" in out and "700" in out and "7 x 384" in out  # the condition, steps, evaluations
+    from protomem.study.presets import get_preset
+
+    condition = get_preset("quick").conditions[0]
+    evaluations = (
+        f"{len(condition.diffusion_config().resolved_eval_steps())} x {condition.evaluation.n_samples}"
+    )
+    assert condition.name in out and f"{condition.diffusion.steps:,}" in out and evaluations in out
     assert "estimated wall time on this machine" in out and "GPU-hours at 10 TFLOP/s" in out
     assert "GFLOP/train step" in out
     assert list(tmp_path.iterdir()) == []  # no run directory
