@@ -278,3 +278,23 @@ def test_sample_on_the_auto_and_cpu_devices_gives_the_same_strings(tmp_path, str
         )
         assert done.returncode == 2 and "device cuda requested" in done.stderr
         assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_study_command_passes_device_jobs_and_threads_through(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from protomem.cli import app
+    from protomem.study import runner
+
+    seen = {}
+
+    def fake_run_study(out_dir, **kwargs):
+        seen.update(kwargs)
+        return Path(out_dir)
+
+    monkeypatch.setattr(runner, "run_study", fake_run_study)
+    monkeypatch.setattr(runner, "summary_paragraph", lambda path: "")
+    args = ["study", "--preset", "quick", "--out", str(tmp_path / "s"), "--device", "cpu", "--jobs", "1"]
+    done = CliRunner().invoke(app, [*args, "--threads", "2"])
+    assert done.exit_code == 0, done.output
+    assert (seen["device"], seen["jobs"], seen["threads"]) == ("cpu", 1, 2)
