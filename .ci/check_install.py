@@ -63,11 +63,13 @@ def main() -> int:
             ]
         )  # fmt: skip
         made = (out / "grammar.json").is_file() and (out / "strings.parquet").is_file()
-        expect(done.returncode == 0 and made and json.loads((out / "grammar.json").read_text()), "sample", done)
+        made = made and bool(json.loads((out / "grammar.json").read_text()))
+        expect(done.returncode == 0 and made, "sample", done)
         if find_spec("ray") is None:
             done = run(["sweep", str(EXAMPLES / "sweeps" / "tiny.yaml"), "--out", str(Path(tmp) / "sweep")])
             hint = done.stderr.strip()
-            ok = done.returncode == 2 and "pip install 'protomem[sweep]'" in hint and len(hint.splitlines()) == 1
+            one_line = len(hint.splitlines()) == 1
+            ok = done.returncode == 2 and "pip install 'protomem[sweep]'" in hint and one_line
             expect(ok, "sweep without Ray", done)
     for failure in failures:
         print(f"\n--- {failure}", file=sys.stderr)
