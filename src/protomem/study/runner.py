@@ -49,14 +49,27 @@ def _groups(conditions: list[ConditionConfig]) -> dict[str, list[str]]:
     return groups
 
 
-def pooled_statistics(study_dir: Path, names: list[str], score: str) -> dict[str, float]:
+def condition_correlations(summary: dict[str, Any], endpoint: str = "copies") -> dict[str, Any]:
+    """A condition summary's correlations of one endpoint ("copies" or "likelihood"; {} when absent)."""
+    if endpoint == "copies":
+        return summary.get("correlations") or {}
+    return (summary.get("likelihood") or {}).get("correlations") or {}
+
+
+def pooled_statistics(
+    study_dir: Path, names: list[str], score: str, endpoint: str = "copies"
+) -> dict[str, float]:
     """Mean rho over the named conditions and its Monte Carlo p against each pooled null."""
     rhos, draws = [], {"grammar": [], "calibrated": []}
     for name in names:
         condition_dir = study_dir / "conditions" / name
         summary = read_summary(condition_dir) or {}
-        rhos.append(summary.get("correlations", {}).get(score, {}).get("rho", np.nan))
+        rhos.append(condition_correlations(summary, endpoint).get(score, {}).get("rho", np.nan))
         nulls = pd.read_parquet(condition_dir / "nulls.parquet")
+        if "endpoint" in nulls.columns:  # tables written before the likelihood endpoint hold copies only
+            nulls = nulls[nulls["endpoint"] == endpoint]
+        elif endpoint != "copies":
+            nulls = nulls.iloc[:0]
         for null in draws:
             part = nulls[(nulls["score"] == score) & (nulls["null"] == null)].sort_values("draw")
             draws[null].append(part["rho"].to_numpy())
