@@ -1,5 +1,5 @@
-"""The command line as documented: ``--version``, and a CLI reference page that holds every command and
-flag (docs/cli.md is filled at site build time by docs/hooks/cli_reference.py from the typer app)."""
+"""The documentation against the program: ``--version``, a CLI reference page that holds every command
+and flag (docs/cli.md, filled at site build time by docs/hooks/cli_reference.py), an API page per module."""
 
 from __future__ import annotations
 
@@ -61,3 +61,32 @@ def test_cli_reference_documents_every_command_and_flag():
         for name in getattr(command, "commands", None) or {}:
             assert f"(#protomem-{'-'.join((*path, name))})" in section, (path, name)
     assert not sections  # no section for a command that does not exist
+
+
+# Modules with no API page of their own, and why; every other module needs a `::: module` line in
+# docs/api/*.md or a documented package that re-exports it.
+NOT_API = {
+    "protomem": "the package: version only",
+    "protomem.cli": "the command line (docs/cli.md)",
+    "protomem.audit": "an empty package; its modules have pages",
+    "protomem.audit.report": "renders the audit's HTML report",
+    "protomem.study.report": "renders the study's HTML reports",
+    "protomem.study.figures": "draws the study report's figures",
+}
+
+
+def test_every_module_is_on_an_api_page():
+    documented = set()
+    for page in (ROOT / "docs" / "api").glob("*.md"):
+        documented |= set(re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    source = ROOT / "src"
+    missing = []
+    for path in sorted(source.rglob("*.py")):
+        module = ".".join(path.relative_to(source).with_suffix("").parts).removesuffix(".__init__")
+        package, _, _ = module.rpartition(".")
+        init = source / package.replace(".", "/") / "__init__.py"
+        re_exported = package in documented and f"{module}" in init.read_text(encoding="utf-8")
+        if module in documented or re_exported or module in NOT_API or module.endswith(".commands"):
+            continue
+        missing.append(module)
+    assert not missing, f"no API page documents {missing}: add `::: module` to a page of docs/api/"
