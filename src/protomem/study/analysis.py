@@ -29,6 +29,7 @@ from protomem.study import stats
 from protomem.study.config import ConditionConfig
 from protomem.study.design import tied_logprob
 from protomem.study.pipeline import EVALS_DIR, write_table
+from protomem.study.slop_test import window_test
 
 ENDPOINTS = ("copies", "likelihood")
 
@@ -112,6 +113,7 @@ def analyze_condition(
     slop_rows: dict[str, list] = {
         k: [] for k in ("step", "level", "position", "train_count", "sample_count", "grammar_prob")
     }
+    counts_per_checkpoint: list[np.ndarray] = []
     for t, s in enumerate(steps):
         rows = step_col == s
         metrics["step"].append(int(s))
@@ -131,6 +133,7 @@ def analyze_condition(
         metrics.setdefault("distinct_copied", []).append(int((copies[:, t] > 0).sum()))
         metrics.setdefault("frac_memorized", []).append(float((first_index <= t).mean()))
         sample_counts = sample_block_counts(grammar, blocks, tokens_all[rows])
+        counts_per_checkpoint.append(sample_counts)
         for level in range(depth):
             at = blocks["level"] == level
             metrics.setdefault(f"slop_slope_l{level}", []).append(
@@ -248,7 +251,6 @@ def analyze_condition(
             "likelihood",
             null_columns,
         )
-    write_table(out_dir / "nulls.parquet", null_columns)
     write_table(out_dir / "per_example.parquet", per_example)
 
     # --- multi-score model at the most informative checkpoint -----------------------------------
@@ -293,6 +295,28 @@ def analyze_condition(
             "slope_final": float(slopes[-1]),
             "grammar_slope": float(metrics[f"grammar_slope_l{level}"][0]),
         }
+    # the test of slop over that window, against a grammar sampler and a calibrated (sharpened-grammar) null
+    tested = window_test(
+        blocks,
+        [counts_per_checkpoint[t] for t in pre],
+        list(range(1, depth)),
+        P,
+        [int((step_col == steps[t]).sum()) for t in pre],
+        analysis.n_null_draws,
+        np.random.default_rng([analysis.seed, 2]),
+    )
+    slop_test_summary = None
+    if tested is not None:
+        slop_test_summary = {"slope": tested["slope"], "per_level": tested["per_level"]}
+        for null_name, values in tested["null_draws"].items():
+            slop_test_summary[f"null_mean_{null_name}"] = _nanmean(values)
+            slop_test_summary[f"p_{null_name}"] = stats.tail_p(tested["slope"], values)
+            null_columns["endpoint"] += ["slop"] * len(values)
+            null_columns["score"] += ["slop_slope"] * len(values)
+            null_columns["null"] += [null_name] * len(values)
+            null_columns["draw"] += list(range(len(values)))
+            null_columns["rho"] += values.tolist()
+    write_table(out_dir / "nulls.parquet", null_columns)
     nan = float("nan")
     primary = correlations.get(
         analysis.primary_score, {"rho": nan, "ci_low": nan, "ci_high": nan, "p_permutation": nan}
@@ -319,7 +343,11 @@ def analyze_condition(
         "likelihood": likelihood_summary(likelihood, first_index, n_ckpt, analysis, correlations_likelihood),
         "logistic": {"checkpoint_step": int(steps[cut]), "coefficients": logistic},
         "finer_sampler": finer_summary,
-        "slop": {"checkpoints_before_copying": steps[pre].tolist(), "levels": slop_summary},
+        "slop": {
+            "checkpoints_before_copying": steps[pre].tolist(),
+            "levels": slop_summary,
+            "test": slop_test_summary,
+        },
         "alpha": analysis.alpha,
         "verdict": verdict_sentence(
             primary, analysis.primary_score, analysis.alpha, (first_index < n_ckpt).sum()
