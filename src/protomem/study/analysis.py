@@ -410,7 +410,7 @@ def likelihood_endpoint(
 
     paths = [out_dir / EVALS_DIR / f"likelihood_step_{int(s):08d}.parquet" for s in steps]
     heldout_path = out_dir / "heldout.parquet"
-    if not config.evaluation.likelihood_draws or not heldout_path.is_file():
+    if not config.likelihood_draws() or not heldout_path.is_file():
         return None
     if not all(p.is_file() for p in paths):
         return None
