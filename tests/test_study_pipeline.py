@@ -124,7 +124,7 @@ def test_likelihood_endpoint_recomputed_from_the_stored_elbos(tiny_run):
         ):
             frame[rows["index"].to_numpy(), t] = rows["nll"].to_numpy()
     assert np.isfinite(nll_train).all() and (nll_train > 0).all()
-    r = 4
+    r = summary["likelihood"]["heldout_matches"]
 
     def reference(logprob, classes, exclude):
         out = []
