@@ -48,6 +48,11 @@ CASES = [
 ]
 
 
+def rate(per_second: float) -> str:
+    """A throughput to three significant figures (a slow CPU samples width-1024 models at < 1 seq/s)."""
+    return f"{per_second:,.0f}" if per_second >= 100 else f"{per_second:.3g}"
+
+
 def device_line(device: torch.device) -> str:
     cuda = torch.version.cuda or "none (CPU build)"
     return (
@@ -89,8 +94,8 @@ def main() -> None:
             per_sequence_step = time_sample_steps(trainer, batch, steps=3, min_seconds=seconds / 2)
             print(
                 f"{label:<22}{config.width:>6}{config.batch_size:>6}{precision:>6}"
-                f"{config.batch_size / step:>13,.0f}{step:>9.4f}{flops / step / 1e9:>9.1f}"
-                f"{1 / (per_sequence_step * SAMPLING_STEPS):>14,.0f}",
+                f"{rate(config.batch_size / step):>13}{step:>9.4f}{flops / step / 1e9:>9.1f}"
+                f"{rate(1 / (per_sequence_step * SAMPLING_STEPS)):>14}",
                 flush=True,
             )
     print()

@@ -322,6 +322,41 @@ def test_the_plan_of_a_condition_is_within_5x_of_its_run(tiny_run):
     assert plan.wall_seconds > estimate.seconds  # plus the study's own start-up and report
 
 
+def test_the_parallel_runner_starts_the_longest_condition_first_as_the_plan_does(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    from protomem.study import runner
+    from protomem.study.plan import plan_conditions, submission_order
+
+    small = apply_overrides(tiny_condition(), {"name": "tiny-small"})
+    conditions = [
+        small,
+        apply_overrides(small, {"name": "tiny-wide", "diffusion.width": 2 * small.diffusion.width}),
+        apply_overrides(small, {"name": "tiny-small-again", "grammar.seed": 1}),
+    ]
+    assert submission_order(conditions) == [1, 0, 2]  # the wide model first, equal ones as listed
+    submitted = []
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        """Records what the runner submits, in order, and runs nothing."""
+
+        def __init__(self, max_workers, **_):
+            super().__init__(max_workers)
+
+        def submit(self, fn, condition, *args):
+            submitted.append(condition.name)
+            future = concurrent.futures.Future()
+            future.set_result(None)
+            return future
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Recording)
+    runner._run_parallel(conditions, tmp_path, 2, progress=False)
+    assert submitted == ["tiny-wide", "tiny-small", "tiny-small-again"]
+    plan = plan_conditions(conditions, jobs=2, threads=1)
+    assert plan.order == submitted  # --plan simulates the runner's schedule
+    assert [e.name for e in plan.conditions] == [c.name for c in conditions]  # rows as listed
+
+
 @pytest.mark.slow
 def test_quick_preset_study_end_to_end(tmp_path):
     from protomem.study.plan import plan_conditions

@@ -14,8 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protomem.diffusion import DiffusionConfig
-from protomem.diffusion.cost import make_trainer, measure_step_cost, sample_step_flops, train_step_flops
-from protomem.study.plan import load_factor, makespan
+from protomem.diffusion.cost import (
+    count_step_flops,
+    make_trainer,
+    measure_step_cost,
+    sample_step_flops,
+    train_step_flops,
+)
+from protomem.study.plan import load_factor, longest_first, makespan
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +83,34 @@ def test_the_parallel_schedule_is_between_the_perfect_split_and_the_serial_run(d
     assert makespan(durations, 1) == pytest.approx(total)
     # list scheduling is never worse than twice the optimum
     assert span <= total / jobs + max(durations, default=0.0) + 1e-6
+
+
+def test_the_flop_count_alone_is_the_measured_one():
+    counted = count_step_flops(config(), sample_batch=32)
+    measured = measure_step_cost(config(), sample_batch=32)
+    assert (counted.n_parameters, counted.train_flops, counted.sample_flops) == (
+        measured.n_parameters,
+        measured.train_flops,
+        measured.sample_flops,
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5).map(float), max_size=10))
+def test_longest_first_orders_by_cost_and_keeps_ties_in_order(costs):
+    order = longest_first(costs)
+    assert sorted(order) == list(range(len(costs)))
+    for a, b in zip(order, order[1:], strict=False):
+        assert costs[a] > costs[b] or (costs[a] == costs[b] and a < b)
+
+
+def test_longest_first_shortens_the_default_presets_schedule():
+    # the default preset's CPU seconds per condition measured at idle (small-s0, deep-s0, small-s1, deep-s1)
+    measured = [76.5, 141.1, 68.9, 126.6]
+    listed = makespan(measured, 2)
+    reordered = makespan([measured[i] for i in longest_first(measured)], 2)
+    # as listed, the two deep conditions end up one after the other on one worker
+    assert listed == pytest.approx(141.1 + 126.6) and reordered == pytest.approx(141.1 + 68.9)
 
 
 def test_the_load_correction():

@@ -7,6 +7,7 @@ shared machine they include whatever else is running.
 
     cost = measure_step_cost(config, sample_batch=512)
     cost.train_seconds * config.steps   # training time, evaluations aside
+    count_step_flops(config).train_flops  # the count alone, nothing timed
 """
 
 from __future__ import annotations
@@ -133,6 +134,34 @@ def time_sample_steps(trainer: Trainer, batch: int, steps: int = 3, min_seconds:
     return elapsed / (calls * steps * batch)
 
 
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one step of a config, counted (not timed): as in :class:`StepCost`."""
+
+    n_parameters: int
+    train_flops: float
+    sample_flops: float
+
+
+def _count(trainer: Trainer, sample_batch: int) -> StepFlops:
+    """Counts of ``trainer``'s next step (its first, step 1) and of a sampler step; the trainer takes
+    that step. Sampler FLOPs are counted on at most 64 sequences (they are per sequence)."""
+    return StepFlops(
+        n_parameters=count_parameters(trainer.model),
+        train_flops=train_step_flops(trainer),
+        sample_flops=sample_step_flops(trainer, min(sample_batch, 64)),
+    )
+
+
+def count_step_flops(
+    config: DiffusionConfig, *, sample_batch: int = 512, device: torch.device | None = None
+) -> StepFlops:
+    """Count the FLOPs of one training step and one sampler step of ``config`` without timing anything
+    (one real step on random data, on ``device``, default CPU: the counts do not depend on the device).
+    The same counts as :func:`measure_step_cost` reports for the same arguments."""
+    return _count(make_trainer(config, device or torch.device("cpu")), sample_batch)
+
+
 def measure_step_cost(
     config: DiffusionConfig,
     *,
@@ -144,15 +173,14 @@ def measure_step_cost(
     config's, resolved) with the current torch thread count. Takes a few steps' time (plus warm-up)."""
     target = device if device is not None else resolve_device(config.device)
     trainer = make_trainer(config, target)
-    train_flops = train_step_flops(trainer)
+    counts = _count(trainer, sample_batch)
     train_seconds = time_train_steps(trainer, steps=timed_steps, first_step=2)
-    sample_flops = sample_step_flops(trainer, min(sample_batch, 64))
     sample_seconds = time_sample_steps(trainer, sample_batch, steps=timed_steps)
     return StepCost(
-        n_parameters=count_parameters(trainer.model),
-        train_flops=train_flops,
+        n_parameters=counts.n_parameters,
+        train_flops=counts.train_flops,
         train_seconds=train_seconds,
-        sample_flops=sample_flops,
+        sample_flops=counts.sample_flops,
         sample_seconds=sample_seconds,
         sample_batch=sample_batch,
         device=str(target),

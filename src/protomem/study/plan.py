@@ -12,8 +12,10 @@ cost a sampler step each. A condition then costs::
     finer   = K * finer sampler steps * seconds per sequence-step + bookkeeping
     other   = CONDITION_OVERHEAD_SECONDS (setup, analysis, report)
 
-Conditions run ``jobs`` at a time in list order (each starts when a worker frees), so the study's wall
-time is that schedule's makespan plus STUDY_OVERHEAD_SECONDS. On a loaded CPU the timings are scaled by
+Conditions run ``jobs`` at a time, each starting when a worker frees, in the order the study's runner
+submits them: longest first by counted FLOPs (:func:`submission_order`, the same function the runner
+uses; nothing timed decides it); the study's wall time is that schedule's makespan plus
+STUDY_OVERHEAD_SECONDS. On a loaded CPU the timings are scaled by
 how much more the study's own processes will compete for the cores than the single timing process did
 (from the load average before timing). On an accelerator, conditions sharing it are added up.
 
@@ -108,13 +110,36 @@ class ConditionEstimate:
         sequence_steps += self.n_evals * self.likelihood_forwards
         return self.steps * self.train_flops + sequence_steps * self.sample_flops
 
+    @classmethod
+    def of(cls, name: str, condition: ConditionConfig, counts: Any, **timings: float) -> ConditionEstimate:
+        """The estimate of ``condition``'s work with step ``counts`` (a StepCost or StepFlops) and the
+        timed seconds in ``timings`` (step_seconds, sample_seconds, bookkeeping_seconds; default 0)."""
+        config = condition.diffusion_config()
+        return cls(
+            name=name,
+            steps=config.steps,
+            n_evals=len(config.resolved_eval_steps()),
+            n_samples=condition.evaluation.n_samples,
+            sampling_steps=config.resolved_sampling_steps(),
+            finer_sampling_steps=condition.finer_sampling_steps(),
+            n_train=condition.data.n_train,
+            likelihood_forwards=likelihood_forwards(condition),
+            n_parameters=counts.n_parameters,
+            train_flops=counts.train_flops,
+            sample_flops=counts.sample_flops,
+            step_seconds=timings.get("step_seconds", 0.0),
+            sample_seconds=timings.get("sample_seconds", 0.0),
+            bookkeeping_seconds=timings.get("bookkeeping_seconds", 0.0),
+        )
+
 
 @dataclass
 class StudyPlan:
     """The estimate of a whole study.
 
     Attributes:
-        conditions: per-condition estimates, in run order.
+        conditions: per-condition estimates, in the order given (the preset's).
+        order: the conditions' names in the order they start (the runner's submission order).
         jobs: conditions at once; threads: torch threads per condition.
         device: the device timed on (resolved); device_label: its hardware.
         load_average: 1-minute load average before timing; load_factor: the slow-down applied for it.
@@ -131,6 +156,7 @@ class StudyPlan:
     load_factor: float
     wall_seconds: float
     timing_seconds: float
+    order: list[str] = field(default_factory=list)
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -140,6 +166,30 @@ class StudyPlan:
     def gpu_hours(self, tflops: float = DEFAULT_GPU_TFLOPS) -> float:
         """GPU-hours of the counted FLOPs at a sustained ``tflops`` TFLOP/s."""
         return self.total_flops / (tflops * 1e12) / 3600.0
+
+
+def longest_first(costs: Sequence[float]) -> list[int]:
+    """Indices of ``costs`` from the largest to the smallest; equal costs keep their order."""
+    return sorted(range(len(costs)), key=lambda i: -costs[i])
+
+
+def submission_order(conditions: Sequence[ConditionConfig]) -> list[int]:
+    """The order in which the study's parallel runner starts ``conditions`` (indices into them): longest
+    first by the counted FLOPs of training plus evaluation sampling (:attr:`ConditionEstimate.total_flops`,
+    counted on the CPU with one real step per distinct model, nothing timed), ties in the given order.
+    Starting the long ones first shortens the schedule when conditions differ in size (the default
+    preset's deep grammar costs twice its small one)."""
+    from protomem.diffusion.cost import count_step_flops
+
+    counts: dict[tuple, Any] = {}
+    flops = []
+    for condition in conditions:
+        key = cost_key(condition)
+        if key not in counts:
+            batch = min(SAMPLE_BATCH, condition.evaluation.n_samples)
+            counts[key] = count_step_flops(condition.diffusion_config(), sample_batch=batch)
+        flops.append(ConditionEstimate.of(condition.name, condition, counts[key]).total_flops)
+    return longest_first(flops)
 
 
 def makespan(durations: Sequence[float], jobs: int) -> float:
@@ -201,11 +251,14 @@ def plan_conditions(
     timed_steps: int = 3,
     names: Sequence[str] | None = None,
     on_measure: Callable[[str], Any] | None = None,
+    longest_first_order: bool = True,
 ) -> StudyPlan:
     """Estimate the wall time of running ``conditions`` ``jobs`` at a time with ``threads`` torch threads
     each, on the device each condition names (timed here). Takes a few training and sampler steps of each
     distinct model, plus warm-up. ``names`` label the rows (default: the conditions' names);
-    ``on_measure(message)`` is called before each timing."""
+    ``on_measure(message)`` is called before each timing. The schedule starts the conditions as the
+    study's runner does: with more than one job longest first by counted FLOPs (:func:`submission_order`),
+    else (or with ``longest_first_order=False``, a sweep's points) in the given order."""
     import torch
 
     from protomem.diffusion.cost import measure_step_cost
@@ -241,18 +294,10 @@ def plan_conditions(
                 bookkeeping[book_key] = _bookkeeping_seconds(condition)
             cost = costs[key]
             estimates.append(
-                ConditionEstimate(
-                    name=label,
-                    steps=config.steps,
-                    n_evals=len(config.resolved_eval_steps()),
-                    n_samples=condition.evaluation.n_samples,
-                    sampling_steps=config.resolved_sampling_steps(),
-                    finer_sampling_steps=condition.finer_sampling_steps(),
-                    n_train=condition.data.n_train,
-                    likelihood_forwards=likelihood_forwards(condition),
-                    n_parameters=cost.n_parameters,
-                    train_flops=cost.train_flops,
-                    sample_flops=cost.sample_flops,
+                ConditionEstimate.of(
+                    label,
+                    condition,
+                    cost,
                     step_seconds=cost.train_seconds,
                     sample_seconds=cost.sample_seconds,
                     bookkeeping_seconds=bookkeeping[book_key],
@@ -270,7 +315,10 @@ def plan_conditions(
         finer = e.n_samples * e.finer_sampling_steps * e.sample_seconds + e.bookkeeping_seconds
         e.finer_seconds = factor * finer
         e.other_seconds = factor * CONDITION_OVERHEAD_SECONDS
-    durations = [e.seconds for e in estimates]
+    # the runner's order: by the same counts (FLOPs do not depend on the device they are counted on)
+    reorder = longest_first_order and jobs > 1  # one job runs the conditions as listed
+    order = longest_first([e.total_flops for e in estimates]) if reorder else list(range(len(estimates)))
+    durations = [estimates[i].seconds for i in order]
     # on an accelerator the conditions share it: their device work adds up rather than overlaps
     wall = makespan(durations, jobs) if on_cpu else sum(durations)
     device = sorted(devices, key=str)[0] if devices else resolve_device("cpu")
@@ -284,6 +332,7 @@ def plan_conditions(
         load_factor=factor,
         wall_seconds=wall + STUDY_OVERHEAD_SECONDS,
         timing_seconds=time.perf_counter() - started,
+        order=[estimates[i].name for i in order],
         cores=cores,
     )
 
@@ -346,7 +395,8 @@ def plan_table(plan: StudyPlan, title: str) -> Any:
 def plan_summary(plan: StudyPlan, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> list[str]:
     """The lines under the table: wall time here, how it was measured, GPU-hours at ``gpu_tflops``."""
     parallel = (
-        f"{plan.jobs} condition(s) at a time, {plan.threads} torch thread(s) each"
+        f"{plan.jobs} condition(s) at a time, {plan.threads} torch thread(s) each, started in the order "
+        + ", ".join(plan.order)
         if plan.device == "cpu"
         else f"conditions sharing {plan.device}, their times added up"
     )

@@ -30,6 +30,7 @@ from protomem.study.analysis import beyond_likelihood_name, verdict_lead
 from protomem.study.claims import pooled_claim, skew_claim
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
+from protomem.study.plan import submission_order
 from protomem.study.power import power_curve
 from protomem.study.presets import get_preset
 from protomem.study.report import STUDY_FILE, render_study_report
@@ -172,7 +173,10 @@ def _condition_step(condition_dir: Path) -> int:
 
 
 def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, progress: bool) -> None:
-    """Run conditions in ``jobs`` worker processes; progress per condition polled from its checkpoints."""
+    """Run conditions in ``jobs`` worker processes, submitted longest first by counted FLOPs
+    (protomem.study.plan.submission_order: the schedule ``--plan`` simulates); each condition's results
+    do not depend on when it runs. Progress per condition polled from its checkpoints, shown in the
+    given order."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -195,7 +199,8 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
     ):
         tasks = {c.name: bars.add_task(c.name, total=c.diffusion.steps) for c in conditions}
         overall = bars.add_task("all conditions", total=sum(c.diffusion.steps for c in conditions))
-        futures = {pool.submit(_run_one, c, str(dirs[c.name])): c.name for c in conditions}
+        ordered = [conditions[i] for i in submission_order(conditions)]
+        futures = {pool.submit(_run_one, c, str(dirs[c.name])): c.name for c in ordered}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)

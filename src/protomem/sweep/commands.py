@@ -178,6 +178,7 @@ def _print_estimate(spec, out_dir: Path, cpus: int | None, tflops: float) -> Non
         threads=1,
         names=[p.name for p in todo],
         on_measure=console.print,
+        longest_first_order=False,  # Ray starts the points in the spec's order
     )
     out.print(plan_table(estimate, f"sweep {spec.name}: {len(todo)} point(s) to run, {jobs} at a time"))
     for line in plan_summary(estimate, tflops):
