@@ -394,9 +394,10 @@ def plan_table(plan: StudyPlan, title: str) -> Any:
 
 def plan_summary(plan: StudyPlan, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> list[str]:
     """The lines under the table: wall time here, how it was measured, GPU-hours at ``gpu_tflops``."""
+    listed = plan.order == [e.name for e in plan.conditions]
     parallel = (
-        f"{plan.jobs} condition(s) at a time, {plan.threads} torch thread(s) each, started in the order "
-        + ", ".join(plan.order)
+        f"{plan.jobs} condition(s) at a time, {plan.threads} torch thread(s) each, started "
+        + ("in the order listed" if listed else "longest first by FLOPs: " + ", ".join(plan.order))
         if plan.device == "cpu"
         else f"conditions sharing {plan.device}, their times added up"
     )
