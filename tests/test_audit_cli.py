@@ -202,10 +202,13 @@ def test_sequence_audit_report_draws_streamed_outputs_of_any_length(tmp_path: Pa
     assert "<b>output 7:</b> <mark>" + " ".join(map(str, train[2])) + "</mark>" in html
 
 
-def write_with_bad_line(path: Path, good: str | bytes, bad: str | bytes, bad_line: int, count: int) -> None:
-    """``count`` lines of ``good`` (line 10 blank), the line numbered ``bad_line`` (1-based) ``bad``."""
+def write_with_bad_line(
+    path: Path, good: str | bytes, bad: str | bytes, bad_line: int, count: int, blank: bool = True
+) -> None:
+    """``count`` lines of ``good`` (line 10 blank if ``blank``), the line numbered ``bad_line`` ``bad``."""
     lines = [good] * count
-    lines[9] = b"" if isinstance(good, bytes) else ""
+    if blank:
+        lines[9] = b"" if isinstance(good, bytes) else ""
     lines[bad_line - 1] = bad
     if isinstance(good, bytes):
         path.write_bytes(b"\n".join(lines) + b"\n")
@@ -238,7 +241,8 @@ def test_a_bad_output_far_down_a_streamed_file_is_named(tmp_path: Path, name: st
             "docs.jsonl": ('{"text": "a b c d"}', '{"text": 5}'),
             "docs.txt": (b"a b c d", b"a b \xff d"),
         }[name]
-        write_with_bad_line(generated, good, bad, bad_line, count)
+        # a blank line is an empty document in text, an error in a token file
+        write_with_bad_line(generated, good, bad, bad_line, count, blank=name != "tokens.txt")
         where = f"line {bad_line}"
     train = tmp_path / ("train.txt" if name.startswith("docs") else "train.tokens")
     train.write_text("a b c d\ne f g h\n" if name.startswith("docs") else "1 2 3 4\n5 6 7 8\n")
@@ -253,7 +257,7 @@ def test_a_bad_output_far_down_a_streamed_file_is_named(tmp_path: Path, name: st
 
 
 def test_streaming_readers_and_their_counts_agree(tmp_path: Path) -> None:
-    (tmp_path / "s.txt").write_text("1 2 3\n\n4 5\r\n  \n6\n")
+    (tmp_path / "s.txt").write_text("1 2 3\n4 5\r\n6\n\n  \n")  # blank lines at the end are no items
     (tmp_path / "s.jsonl").write_text('{"tokens": [1, 2]}\n\n{"tokens": [3]}\n')
     pd.DataFrame({"tokens": [[1, 2], [3, 4, 5], [6]]}).to_parquet(tmp_path / "s.parquet")
     for name, expected in (
@@ -265,14 +269,14 @@ def test_streaming_readers_and_their_counts_agree(tmp_path: Path) -> None:
         assert count_sequences(tmp_path / name) == len(sequences)
         if expected is not None:
             assert [s.tolist() for s in sequences] == expected
-    (tmp_path / "d.txt").write_text("first doc\n\n  second doc \r\nthird\n")
+    (tmp_path / "d.txt").write_text("first doc\n\n  second doc \r\nthird\n\n")
     (tmp_path / "docs").mkdir()
     for i in range(3):
         (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i}\nwith two lines")
     (tmp_path / "docs" / "notes.md").write_text("not a document")
     pd.DataFrame({"text": ["a", None, "b c"]}).to_parquet(tmp_path / "d.parquet")
     expected = {
-        "d.txt": ["first doc", "  second doc ", "third"],
+        "d.txt": ["first doc", "", "  second doc ", "third"],  # a blank line inside: an empty document
         "docs": [f"document {i}\nwith two lines" for i in range(3)],
         "d.parquet": ["a", "", "b c"],
     }
@@ -284,6 +288,9 @@ def test_streaming_readers_and_their_counts_agree(tmp_path: Path) -> None:
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(ProtomemError, match="no documents"):
         read_documents(tmp_path / "blank.txt")
+    (tmp_path / "gap.txt").write_text("1 2\n\n3\n")
+    with pytest.raises(ProtomemError, match=r"gap.txt \(line 2\): empty sequence"):
+        read_sequences(tmp_path / "gap.txt")
 
 
 def test_float_arrays_are_scaled_once_for_the_whole_file(tmp_path: Path) -> None:
