@@ -327,7 +327,7 @@ def test_crop_search_from_the_cli_names_the_window_in_the_report(tmp_path: Path)
     np.save(tmp_path / "gen.npy", np.concatenate([cropped, smooth_images(2, 32, seed=3)[..., 0]]))
     out = tmp_path / "audit"
     args = ("audit", "--train", tmp_path / "train.npy", "--generated", tmp_path / "gen.npy", "--out", out)
-    result = run_cli(*args, "--max-crop", "0.25", "--quiet")
+    result = run_cli(*args, "--max-crop", "0.25", "--crop-threshold", "0.06", "--quiet")  # see test_audit
     assert result.returncode == 0, result.stderr
     matches = pd.read_parquet(out / "matches.parquet")
     assert matches["cropped"].tolist() == [True, False, False] and matches["train_index"][0] == 7

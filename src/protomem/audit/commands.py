@@ -86,6 +86,11 @@ def audit(
     max_shift: int = typer.Option(
         0, "--max-shift", help="Images: also search translations up to this many pixels."
     ),
+    shift_threshold: float = typer.Option(
+        defaults.SHIFT_THRESHOLD,
+        "--shift-threshold",
+        help="Images: RMS on the overlap after the best translation to flag.",
+    ),
     max_crop: float = typer.Option(
         0.0, "--max-crop", help="Images: also search crops removing up to this fraction of each side."
     ),
@@ -159,6 +164,7 @@ def audit(
         tile_grid=tile_grid,
         partial_threshold=partial_threshold,
         max_shift=max_shift,
+        shift_threshold=shift_threshold,
         max_crop=max_crop,
         crop_threshold=crop_threshold,
         flips=flips,

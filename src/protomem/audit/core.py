@@ -15,7 +15,7 @@ sequences     exact (hash of the tokens); hamming (nearest training sequence wit
 text          exact (same whitespace tokens; an empty document matches nothing); span; covered
 images        exact (same 8-bit pixels); l2 (RMS per value <= ``l2_threshold``); ratio (d1/d2 on L2);
               tiled (tiled L2 <= ``tiled_threshold``); shifted (only with ``max_shift`` > 0: RMS on the
-              overlap after the best translation <= ``l2_threshold``); cropped (only with ``max_crop``
+              overlap after the best translation <= ``shift_threshold``); cropped (only with ``max_crop``
               > 0: RMS between the output shrunk back and the best window of a training image <=
               ``crop_threshold``); flipped (only with ``flips``: the mirrored output passes l2, ratio or
               tiled); normalized (only with ``normalized``: RMS between the per-image standardized
@@ -128,6 +128,7 @@ class AuditConfig(BaseModel):
     partial_threshold: float = Field(defaults.PARTIAL_THRESHOLD, ge=0)
     partial_fraction: float = Field(defaults.PARTIAL_FRACTION, gt=0, le=1)
     max_shift: int = Field(0, ge=0, le=16)
+    shift_threshold: float = Field(defaults.SHIFT_THRESHOLD, ge=0)
     max_crop: float = Field(0.0, ge=0, lt=1)  # largest fraction of each side a crop may remove
     crop_threshold: float = Field(defaults.CROP_THRESHOLD, ge=0)
     flips: bool = False
@@ -247,26 +248,43 @@ def _as_batches(generated: Sequence | np.ndarray | Iterable[tuple[int, Sequence]
     return iter(generated)
 
 
-def _feature_space(space: FeatureSpace | None, k: int, seed: int, matches: pd.DataFrame, config: AuditConfig):
-    """The feature-space :class:`typicality.Space` (or None): density of unit vectors, and copies planted
-    at the cosine similarities of the audit's feature-space copies."""
-    if space is None:
-        return None
-    flagged = matches["similar"] | matches["feature_ratio"]
-    own = flagged & (matches["feature_train"] == matches["train_index"])
-    levels = matches.loc[own, "feature_similarity"].to_numpy()
-    thresholds = {"similarity": config.similarity_threshold, "ratio": config.ratio_threshold}
+def _typicality(
+    n_train: int,
+    matches: pd.DataFrame,
+    main: typicality.Space,
+    modelled: np.ndarray,
+    level: np.ndarray,
+    features: FeatureSpace | None,
+    config: AuditConfig,
+    sample: int,
+    extra_scores: dict[str, np.ndarray] | None = None,
+) -> typicality.Typicality:
+    """The typical-vs-rare analysis of an audit's copies.
 
-    def detect(reference: np.ndarray, found: typicality.Neighbours, rng: np.random.Generator):
-        if levels.size == 0:
-            return None
-        return typicality.detectable_features(space.train, reference, found, levels, thresholds, rng)
+    Args:
+        main: the modality's space (pixels or tokens); ``modelled``: (K,) bool, outputs whose copy flags
+            have a copy model in it, ``level``: (K,) their distance to the copied item there.
+        features: adds the feature space; copies flagged there only are planted there (cosine levels).
+    """
+    copied = matches["copied"].to_numpy() & (matches["train_index"].to_numpy() >= 0)
+    space = np.where(copied & modelled, 0, -1)
+    levels = np.where(space == 0, level, 0.0)
+    spaces = [main]
+    if features is not None:
+        by_features = copied & (space == -1) & (matches["similar"] | matches["feature_ratio"]).to_numpy()
+        space = np.where(by_features, 1, space)
+        levels = np.where(by_features, matches["feature_similarity"].to_numpy(), levels)
+        thresholds = {"similarity": config.similarity_threshold, "ratio": config.ratio_threshold}
 
-    return typicality.Space(
-        "density_features",
-        lambda items: typicality.vector_neighbours(space.train, items, config.candidates, seed),
-        detect,
-    )
+        def plant(reference, found, at, rng) -> np.ndarray:
+            return typicality.plant_features(features.train, reference, found, at, thresholds, rng)
+
+        def neighbours(items: np.ndarray) -> typicality.Neighbours:
+            return typicality.vector_neighbours(features.train, items, config.candidates, config.seed)
+
+        spaces.append(typicality.Space("density_features", neighbours, plant))
+    copies = typicality.Copies(matches["train_index"].to_numpy()[copied], space[copied], levels[copied])
+    return typicality.assess(n_train, copies, spaces, config.density_k, sample, config.seed, extra_scores)
 
 
 # -------------------------------------------------------------------------------------------------- images
@@ -327,7 +345,7 @@ def _image_flags(matches: pd.DataFrame, config: AuditConfig) -> None:
     matches["tiled"] = matches["tiled_l2"] <= config.tiled_threshold
     matches["partial"] = matches["tile_fraction"] >= config.partial_fraction
     if "shift_rms" in matches.columns:
-        matches["shifted"] = matches["shift_rms"] <= config.l2_threshold
+        matches["shifted"] = matches["shift_rms"] <= config.shift_threshold
     if "crop_rms" in matches.columns:
         matches["cropped"] = matches["crop_rms"] <= config.crop_threshold
     if "flip_d1" in matches.columns:
@@ -427,27 +445,20 @@ def audit_images(
             "ratio": config.ratio_threshold,
             "tiled": config.tiled_threshold,
         }
-        by_pixels = matches[["exact", "l2", "ratio", "tiled"]].any(axis=1)
-        own = matches["copied"] & by_pixels & (matches["train_index"] == matches["nearest_train"])
-        noise = np.where(matches.loc[own, "exact"], 0.0, matches.loc[own, "d1"])
-
-        def detect(reference: np.ndarray, found: typicality.Neighbours, rng: np.random.Generator):
-            if noise.size == 0:
-                return None
-            return typicality.detectable_images(
-                train, reference, found, noise, thresholds, config.tile_grid, rng
-            )
 
         def neighbours(items: np.ndarray) -> typicality.Neighbours:
             found = typicality.vector_neighbours(flat_train, items, config.candidates, config.seed)
             found.distances = near.rms(found.distances, values)
             return found
 
-        spaces = [typicality.Space("density", neighbours, detect)]
-        feature_space = _feature_space(features, config.density_k, config.seed, matches, config)
-        spaces += [feature_space] if feature_space is not None else []
-        assessed = typicality.assess(
-            n_train, np.flatnonzero(copies), spaces, config.density_k, config.density_sample, config.seed
+        def plant(reference, found, levels, rng) -> np.ndarray:
+            return typicality.plant_images(train, reference, found, levels, thresholds, config.tile_grid, rng)
+
+        by_pixels = matches[["exact", "l2", "ratio", "tiled"]].any(axis=1).to_numpy()
+        level = np.where(matches["exact"], 0.0, matches["d1"])
+        space = typicality.Space("density", neighbours, plant)
+        assessed = _typicality(
+            n_train, matches, space, by_pixels, level, features, config, config.density_sample
         )
         for name, column in assessed.columns.items():
             per_train[name] = column
@@ -507,36 +518,26 @@ def _hamming_columns(
 
 
 def _token_space(
-    modality: str,
-    train: Sequence[np.ndarray],
-    matrix: np.ndarray | None,
-    matches: pd.DataFrame,
-    config: AuditConfig,
+    train: Sequence[np.ndarray], matrix: np.ndarray | None, config: AuditConfig
 ) -> typicality.Space:
     """Where the density of token items is measured and how a copy is planted there: sequences of one
-    length by Hamming distance (copies with as many changed tokens as the audit's copies), others by
-    bag-of-token vectors (caught by verbatim criteria only: every item alike)."""
+    length by Hamming distance (copies with that many changed tokens), others by bag-of-token vectors
+    (caught by verbatim criteria only: no planting)."""
     if matrix is None:
         vectors = typicality.bag_vectors(train)
         return typicality.Space(
             "density",
             lambda items: typicality.vector_neighbours(vectors, items, config.candidates, config.seed),
-            verbatim=True,
         )
-    by_hamming = matches[["exact", "hamming", "ratio", "span"]].any(axis=1)
-    own = matches["copied"] & by_hamming & (matches["train_index"] == matches["nearest_train"])
-    changes = matches.loc[own, "d1"].to_numpy()
     thresholds = {"hamming": config.hamming_threshold, "ratio": config.ratio_threshold}
 
-    def detect(reference: np.ndarray, found: typicality.Neighbours, rng: np.random.Generator):
-        if changes.size == 0:
-            return None
-        return typicality.detectable_sequences(
-            matrix, reference, found, changes, thresholds, config.span_tokens, rng
+    def plant(reference, found, levels, rng) -> np.ndarray:
+        return typicality.plant_sequences(
+            matrix, reference, found, levels, thresholds, config.span_tokens, rng
         )
 
     return typicality.Space(
-        "density", lambda items: typicality.token_neighbours(matrix, items, config.candidates), detect
+        "density", lambda items: typicality.token_neighbours(matrix, items, config.candidates), plant
     )
 
 
@@ -605,14 +606,16 @@ def _token_audit(
         per_train[name] = values
     tests = None
     if density and config.prototypicality:
-        spaces = [_token_space(modality, train, matrix, matches, config)]
-        feature_space = _feature_space(features, config.density_k, config.seed, matches, config)
-        spaces += [feature_space] if feature_space is not None else []
         sample = config.density_sample
-        if matrix is not None:  # the Hamming neighbours cost (cases + reference) x P x L comparisons
+        modelled = np.zeros(len(matches), dtype=bool)
+        level = np.zeros(len(matches))
+        if matrix is not None:  # the Hamming neighbours cost (copies + reference) x P x L comparisons
             sample = int(min(sample, max(50, config.density_budget // (2 * matrix.size))))
-        assessed = typicality.assess(
-            n_train, np.flatnonzero(copies), spaces, config.density_k, sample, config.seed, score_table
+            modelled = matches[["exact", "hamming", "ratio"]].any(axis=1).to_numpy()
+            level = np.where(matches["exact"], 0.0, matches["d1"].fillna(0.0))
+        space = _token_space(train, matrix, config)
+        assessed = _typicality(
+            n_train, matches, space, modelled, level, features, config, sample, score_table
         )
         for name, column in assessed.columns.items():
             per_train[name] = column

@@ -20,6 +20,7 @@ Euclidean distance between unit vectors, sqrt(2 - 2 cos)).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,8 @@ def unit_rows(vectors: np.ndarray, path: Path | str, offset: int = 0, chunk: int
 
 def load_features(path: str | Path, rows: int, items: str) -> np.ndarray:
     """The (rows, D) feature array of a .npy / ``.npz:key`` file (memory-mapped .npy), checked: 2-D, one row
-    per item (``items`` names them in the error), numbers, finite (checked later by :func:`unit_rows`)."""
+    per item (``items``: "training items" or "outputs", for the error), numbers; finite and non-zero rows
+    are checked by :func:`unit_rows`."""
     from protomem.audit.inputs import _load_array
 
     file, key = split_array_key(path)
@@ -84,7 +86,7 @@ def load_features(path: str | Path, rows: int, items: str) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise ProtomemError(f"feature array must hold numbers, got dtype {array.dtype}", path=file)
     if array.shape[0] != rows:
-        raise ProtomemError(f"has {array.shape[0]:,} rows but {items} has {rows:,} items", path=file)
+        raise ProtomemError(f"has {array.shape[0]:,} rows but there are {rows:,} {items}", path=file)
     if array.shape[1] == 0:
         raise ProtomemError("feature vectors have no dimensions", path=file)
     return array
@@ -94,8 +96,8 @@ def precomputed_space(
     train_path: str | Path, generated_path: str | Path, n_train: int, n_generated: int
 ) -> FeatureSpace:
     """A :class:`FeatureSpace` from two feature files (rows = items of the training data / outputs)."""
-    train = load_features(train_path, n_train, "the training data")
-    generated = load_features(generated_path, n_generated, "the outputs")
+    train = load_features(train_path, n_train, "training items")
+    generated = load_features(generated_path, n_generated, "outputs")
     if generated.shape[1] != train.shape[1]:
         raise ProtomemError(
             f"feature vectors have {generated.shape[1]} dimensions, the training features {train.shape[1]}",
@@ -138,7 +140,9 @@ class Embedder:
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ProtomemError("--embedder-mean and --embedder-std take three numbers, std > 0", path=path)
         try:
-            self.model = torch.jit.load(str(self.path), map_location="cpu")
+            with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; SSCD ships as one
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as exc:  # torch raises RuntimeError, ValueError... for anything not TorchScript
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise ProtomemError(

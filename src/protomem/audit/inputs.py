@@ -32,7 +32,6 @@ without holding it in memory; :func:`count_sequences` / :func:`count_documents` 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -559,20 +558,21 @@ class ImageSource:
 
 
 def _open_image(file: Path, max_pixels: int):
-    """A PIL image opened lazily (header only), refused if it declares more than ``max_pixels`` pixels."""
+    """A PIL image opened lazily (header only), refused if it declares more than ``max_pixels`` pixels.
+
+    PIL's own decompression-bomb check is replaced by this one for the call, so the error names the
+    declared size and the limit the user can raise.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    pil_limit = Image.MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(file)
-    except Image.DecompressionBombError:
-        raise ProtomemError(
-            f"image declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)",
-            path=file,
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        Image.MAX_IMAGE_PIXELS = None
+        image = Image.open(file)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ProtomemError(f"unreadable image ({exc.__class__.__name__})", path=file) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
     if image.width * image.height > max_pixels:
         image.close()
         raise ProtomemError(

@@ -47,7 +47,7 @@ CRITERIA = {
     ),
     "shifted": (
         "RMS difference on the overlap after the best translation (up to max_shift pixels)",
-        "l2_threshold",
+        "shift_threshold",
         "translation-tolerant L2",
     ),
     "cropped": (
