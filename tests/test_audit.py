@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protomem.audit.core import AuditConfig, audit_images, audit_sequences, audit_text
+from protomem.audit.core import (
+    COPY_FLAGS,
+    FEATURE_FLAGS,
+    AuditConfig,
+    audit_images,
+    audit_sequences,
+    audit_text,
+)
 from protomem.audit.inputs import batches
 from protomem.audit.stats import spearman_test
 from protomem.memorization import near, text
@@ -350,17 +357,7 @@ RECALL_BOUNDS = {  # plant: (criterion, smallest recall) on 32x32 digits and tex
 
 def assert_calibrated(rates: pd.DataFrame, recall_bounds: dict[str, tuple[str, float]]) -> None:
     fresh = rates.loc["fresh"]
-    for criterion in (
-        "exact",
-        "l2",
-        "ratio",
-        "tiled",
-        "shifted",
-        "cropped",
-        "flipped",
-        "normalized",
-        "partial",
-    ):
+    for criterion in [f for f in COPY_FLAGS["images"] if f not in FEATURE_FLAGS] + ["partial"]:
         assert fresh[criterion] <= FRESH_BOUND, (criterion, fresh[criterion])
     assert rates.loc["noise", "copied (defaults)"] >= 0.9  # noise RMS 0.01-0.06: l2 up to 0.05, tiled beyond
     for plant, (criterion, bound) in recall_bounds.items():

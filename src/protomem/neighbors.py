@@ -27,6 +27,31 @@ def _same_dtype(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
 
 
+_WORD_FACTORS = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def row_hashes(rows: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hash of the bytes of each row of a 2-D array (equal rows: equal hashes; different rows
+    collide with probability about 2^-64, so a match must still be checked).
+
+    The row's bytes are read as 64-bit words; each word is multiplied by its own odd factor, its halves
+    are mixed, and the words are summed modulo 2^64.
+    """
+    rows = np.ascontiguousarray(rows)
+    if rows.ndim != 2:
+        raise ProtomemError(f"expected a 2-D array, got shape {rows.shape}")
+    raw = rows.view(np.uint8).reshape(len(rows), -1)
+    width = -(-raw.shape[1] // 8) * 8
+    if width != raw.shape[1]:
+        raw = np.concatenate([raw, np.zeros((len(rows), width - raw.shape[1]), dtype=np.uint8)], axis=1)
+    words = raw.view(np.uint64)
+    factors = np.resize(_WORD_FACTORS, words.shape[1]) + np.arange(words.shape[1], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = words * (factors | np.uint64(1))
+        mixed ^= mixed >> np.uint64(29)
+        return mixed.sum(axis=1, dtype=np.uint64)
+
+
 class ExactIndex:
     """Rows of a reference array sorted once, for many exact-match look-ups (see :func:`exact_match_index`).
 

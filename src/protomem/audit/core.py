@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,7 +55,7 @@ from protomem.audit.features import FeatureSpace, feature_columns
 from protomem.audit.inputs import image_bytes_keys
 from protomem.errors import ProtomemError
 from protomem.memorization import near, text
-from protomem.neighbors import ExactIndex, nearest_hamming
+from protomem.neighbors import ExactIndex, nearest_hamming, row_hashes
 
 Progress = Callable[[int], None]
 
@@ -138,7 +139,7 @@ class AuditConfig(BaseModel):
     candidates: int = Field(16, ge=2)
     prototypicality: bool = True
     density_k: int = Field(5, ge=1)
-    density_sample: int = Field(2000, ge=2)  # copied and random reference items scored for the verdict
+    density_sample: int = Field(1000, ge=2)  # copies and random reference items used for the verdict
     density_budget: float = Field(2e10, gt=0)  # token comparisons allowed for the Hamming neighbours
     batch_size: int = Field(1024, ge=1)
     max_image_pixels: int = Field(defaults.MAX_IMAGE_PIXELS, ge=1)
@@ -299,18 +300,67 @@ def _standardized(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (flat - mean) / np.maximum(spread, FLAT), spread[:, 0]
 
 
+class _TileSpread:
+    """Pixel std per tile of the training images, computed for the images asked for and kept."""
+
+    def __init__(self, train: np.ndarray, grid: int) -> None:
+        self.train, self.grid = train, grid
+        self.values: np.ndarray | None = None
+
+    def __getitem__(self, indices: np.ndarray) -> np.ndarray:
+        if self.values is None:
+            count = len(near.tile_slices(*self.train.shape[1:3], self.grid))
+            self.values = np.full((len(self.train), count), np.nan, dtype=np.float32)
+        missing = np.unique(indices[np.isnan(self.values[indices, 0])])
+        if missing.size:
+            self.values[missing] = near.tile_spread(self.train[missing], self.grid)
+        return self.values[indices]
+
+
+class _ImageExactIndex:
+    """Exact 8-bit pixel matches: a 64-bit hash of each training image's bytes, sorted once (8 bytes per
+    image instead of a copy of the images); a hash match is verified byte by byte."""
+
+    def __init__(self, train: np.ndarray, chunk: int = 8192) -> None:
+        self.train = train
+        hashes = np.concatenate(
+            [row_hashes(image_bytes_keys(train[s : s + chunk])) for s in range(0, len(train), chunk)]
+        )
+        self.order = np.argsort(hashes, kind="stable")  # equal hashes keep index order: first one first
+        self.sorted = hashes[self.order]
+
+    def find(self, batch: np.ndarray) -> np.ndarray:
+        """(K,) int64: the first training image with exactly the 8-bit pixels of each output, or -1."""
+        keys = image_bytes_keys(batch)
+        hashes = row_hashes(keys)
+        out = np.full(len(batch), -1, dtype=np.int64)
+        start = np.searchsorted(self.sorted, hashes, side="left")
+        stop = np.searchsorted(self.sorted, hashes, side="right")
+        for row in np.flatnonzero(stop > start):
+            for position in range(start[row], stop[row]):
+                index = int(self.order[position])
+                if np.array_equal(image_bytes_keys(self.train[index : index + 1])[0], keys[row]):
+                    out[row] = index
+                    break
+        return out
+
+
 def _pixel_columns(
     train: np.ndarray,
     flat_train: np.ndarray,
-    spread: np.ndarray,
+    spread: _TileSpread,
     batch: np.ndarray,
     config: AuditConfig,
     n_cand: int,
+    found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Nearest training images of a batch (faiss), d1/d2, and tiled L2 and matched-tile fraction over the
-    ``n_cand`` nearest. ``spread``: (P, T) pixel std per tile of the training images."""
+    """Nearest training images of a batch (faiss, unless ``found`` gives them), d1/d2, and tiled L2 and
+    matched-tile fraction over the ``n_cand`` nearest. ``spread``: the training images' pixel std per
+    tile."""
     count, values = batch.shape[0], int(np.prod(train.shape[1:]))
-    distances, indices = near.nearest_l2(flat_train, batch.reshape(count, -1), k=n_cand)
+    if found is None:
+        found = near.nearest_l2(flat_train, batch.reshape(count, -1), k=n_cand)
+    distances, indices = found
     d1, d2 = near.rms(distances[:, 0], values), near.rms(distances[:, 1], values)
     tiled = np.full(count, np.inf)
     tiled_index = np.full(count, -1, dtype=np.int64)
@@ -388,20 +438,16 @@ def audit_images(
     check_image_settings(config, train.shape[1:])
     values = int(np.prod(train.shape[1:]))
     flat_train = train.reshape(n_train, -1)
-    exact = ExactIndex(image_bytes_keys(train))
-    spread = near.tile_spread(train, config.tile_grid)
+    exact = _ImageExactIndex(train)
+    spread = _TileSpread(train, config.tile_grid)
     standardized_train = _standardized(train)[0] if config.normalized else None
     n_cand = min(config.candidates, n_train)
-    parts = []
-    for start, batch in _as_batches(generated, config.batch_size):
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.shape[1:] != train.shape[1:]:
-            raise ProtomemError(f"generated images are {batch.shape[1:]}, training images {train.shape[1:]}")
-        count = batch.shape[0]
+
+    def rest_of_batch(start: int, batch: np.ndarray, found: tuple[np.ndarray, np.ndarray]) -> pd.DataFrame:
         part = {
-            "output": np.arange(start, start + count),
-            **_pixel_columns(train, flat_train, spread, batch, config, n_cand),
-            "exact_train": exact.find(image_bytes_keys(batch)),
+            "output": np.arange(start, start + len(batch)),
+            **_pixel_columns(train, flat_train, spread, batch, config, n_cand, found),
+            "exact_train": exact.find(batch),
         }
         if config.max_shift > 0:
             shifted, shifted_index, shift = near.nearest_shifted(train, batch, config.max_shift, candidates=4)
@@ -428,9 +474,29 @@ def audit_images(
             )
         if features is not None:
             part.update(feature_columns(features, start, batch))
-        parts.append(pd.DataFrame(part))
-        if on_batch is not None:
-            on_batch(count)
+        return pd.DataFrame(part)
+
+    # The main search of batch b + 1 (faiss, all threads) overlaps the rest of batch b (numpy, mostly one
+    # thread) in a worker thread; the results do not depend on the timing.
+    parts: list[pd.DataFrame] = []
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        for start, batch in _as_batches(generated, config.batch_size):
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            if batch.shape[1:] != train.shape[1:]:
+                raise ProtomemError(
+                    f"generated images are {batch.shape[1:]}, training images {train.shape[1:]}"
+                )
+            found = near.nearest_l2(flat_train, batch.reshape(len(batch), -1), k=n_cand)
+            if pending is not None:
+                parts.append(pending.result())
+                if on_batch is not None:
+                    on_batch(len(parts[-1]))
+            pending = worker.submit(rest_of_batch, start, batch, found)
+        if pending is not None:
+            parts.append(pending.result())
+            if on_batch is not None:
+                on_batch(len(parts[-1]))
     if not parts:
         raise ProtomemError("no generated images")
     matches = pd.concat(parts, ignore_index=True)

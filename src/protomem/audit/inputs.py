@@ -42,7 +42,7 @@ import numpy as np
 
 from protomem.audit import defaults
 from protomem.errors import ProtomemError
-from protomem.io import jsonl_objects, jsonl_records
+from protomem.io import jsonl_objects, jsonl_records, utf8_lines
 
 MODALITIES = ("sequences", "text", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -215,22 +215,13 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     Decoded line by line, so a byte that is not UTF-8 is an error naming its line.
     """
     pending: list[tuple[int, str]] = []  # blank lines held back until a non-blank one follows
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ProtomemError(
-                    f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)",
-                    path=path,
-                    where=f"line {number}",
-                ) from None
-            if not line.strip():
-                pending.append((number, line.rstrip("\r\n")))
-                continue
-            yield from pending
-            pending.clear()
-            yield number, line.rstrip("\r\n")
+    for number, line in utf8_lines(path):
+        if not line.strip():
+            pending.append((number, line.rstrip("\r\n")))
+            continue
+        yield from pending
+        pending.clear()
+        yield number, line.rstrip("\r\n")
 
 
 def _item_lines(path: Path) -> int:
@@ -444,7 +435,9 @@ def _pixel_scale(array: np.ndarray, path: Path) -> tuple[float, float]:
 def _to_unit_float(array: np.ndarray, path: Path, scale: tuple[float, float] | None = None) -> np.ndarray:
     """Pixel values -> float32 in [0, 1] with the array's (offset, scale) (decided here if not given)."""
     offset, factor = scale if scale is not None else _pixel_scale(array, path)
-    return ((array.astype(np.float32) + offset) * factor).astype(np.float32)
+    out = np.add(array, np.float32(offset), dtype=np.float32) if offset else array.astype(np.float32)
+    out *= np.float32(factor)
+    return out
 
 
 def _with_channels(array: np.ndarray, path: Path) -> np.ndarray:
@@ -529,7 +522,11 @@ class ImageSource:
     def read(self, indices: np.ndarray | range) -> np.ndarray:
         """(len(indices), H, W, C) float32 in [0, 1]."""
         if self._array is not None:
-            raw = _with_channels(np.asarray(self._array[np.asarray(indices, dtype=np.int64)]), self.path)
+            if isinstance(indices, range) and indices.step == 1:  # a slice of the (memory-mapped) array
+                rows = self._array[indices.start : indices.stop]
+            else:
+                rows = self._array[np.asarray(indices, dtype=np.int64)]
+            raw = _with_channels(np.asarray(rows), self.path)
             images = _to_unit_float(raw, self.path, self._scale)
             if images.shape[1:] == self.shape:
                 return images

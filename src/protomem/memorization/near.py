@@ -127,11 +127,13 @@ def tile_rms(images_a: np.ndarray, images_b: np.ndarray, grid: int = 4) -> np.nd
     if a.shape != b.shape or a.ndim != 4:
         raise ProtomemError(f"tiles need two (K, H, W, C) arrays of one shape, got {a.shape}, {b.shape}")
     count, height, width, channels = a.shape
-    squared = (a - b) ** 2
+    squared = a - b
+    squared *= squared
     rows, cols = min(grid, height), min(grid, width)
     if height % rows == 0 and width % cols == 0:  # equal tiles: one reshape instead of a loop
         blocks = squared.reshape(count, rows, height // rows, cols, width // cols, channels)
-        return np.sqrt(blocks.mean(axis=(2, 4, 5), dtype=np.float64)).reshape(count, rows * cols)
+        sums = blocks.sum(axis=(2, 4, 5)).astype(np.float64)  # float32 sums of a tile's squares
+        return np.sqrt(sums / (blocks[0, 0, :, 0, :, :].size)).reshape(count, rows * cols)
     return np.stack(
         [
             np.sqrt(squared[:, r, c, :].mean(axis=(1, 2, 3), dtype=np.float64))
