@@ -242,10 +242,14 @@ def render_study_report(study_dir: str | Path) -> Path:
 
 
 def render_report(run_dir: str | Path) -> Path:
-    """Rebuild the report of a study directory or of one condition directory."""
+    """Rebuild the report of a study directory, of one condition directory or of an image-study run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ProtomemError("no such run directory", path=run_dir)
     if (run_dir / STUDY_FILE).is_file():
         return render_study_report(run_dir)
+    if (run_dir / "evals.json").is_file() and not (run_dir / "grammar.json").exists():
+        from protomem.study.images import rebuild_image_study
+
+        return rebuild_image_study(run_dir) / "report.html"
     return render_condition_report(run_dir)
