@@ -1,7 +1,8 @@
 """Audit speed and memory: the full ``protomem audit`` command against a faiss flat search in the same run.
 
     .venv/bin/python benchmarks/bench_audit.py                 # everything below
-    .venv/bin/python benchmarks/bench_audit.py --only full     # the two targets of issue 14
+    .venv/bin/python benchmarks/bench_audit.py --only full     # the two targets of issue 14, the flags' cost
+    .venv/bin/python benchmarks/bench_audit.py --only default  # the speed target alone (no optional flags)
     .venv/bin/python benchmarks/bench_audit.py --scale 0.1     # a tenth of every size, for a quick look
 
 Targets (issue 14), 32x32 grey images in .npy files (uint8):
@@ -21,6 +22,7 @@ Speeds are compared as ratios measured in the same run (the machine is shared).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -134,9 +136,11 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool) -> None:
         for i, (label, extra) in enumerate(runs):
             flat = flat_search_seconds(train.astype(np.float32) / 255, outputs.astype(np.float32) / 255)
             seconds, peak = run_command([*base, "--out", str(folder / f"out{i}"), *extra])
+            inside = json.loads((folder / f"out{i}" / "summary.json").read_text())["seconds"]
             print(
                 f"full command {label} | {size}x{size}: {n_train:,} train x {n_out:,} outputs | "
-                f"{seconds:.1f} s wall | faiss flat search {flat:.1f} s | ratio {seconds / flat:.2f}x | "
+                f"{seconds:.1f} s wall (audit_images {inside:.1f} s) | faiss flat search {flat:.1f} s | "
+                f"ratio {seconds / flat:.2f}x | "
                 f"peak RSS {peak:.2f} GiB | load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
@@ -207,7 +211,8 @@ def bench_text(n_train: int, n_out: int, length: int, baseline: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply every size by this.")
-    parser.add_argument("--only", choices=["full", "memory", "images8", "images32", "text"], default=None)
+    parts = ["full", "default", "memory", "images8", "images32", "text"]
+    parser.add_argument("--only", choices=parts, default=None)
     args = parser.parse_args()
     import faiss
 
@@ -216,8 +221,8 @@ def main() -> None:
     def scaled(n: int) -> int:
         return max(10, int(n * args.scale))
 
-    if args.only in (None, "full"):
-        bench_full(scaled(50_000), scaled(5_000), 32, variants=True)
+    if args.only in (None, "full", "default"):
+        bench_full(scaled(50_000), scaled(5_000), 32, variants=args.only != "default")
     if args.only in (None, "full", "memory"):
         bench_full(scaled(100_000), scaled(10_000), 32, variants=False)
     if args.only in (None, "images8"):

@@ -1,6 +1,6 @@
 """Calibrate the audit's image thresholds and check its typical-vs-rare test; prints markdown tables.
 
-    .venv/bin/python benchmarks/calibrate_audit.py               # the calibration in docs/audit.md
+    .venv/bin/python benchmarks/calibrate_audit.py               # the calibration in docs/results/audit.md
     .venv/bin/python benchmarks/calibrate_audit.py --scale 0.3   # smaller, for a quick look
 
 1. Thresholds. Four image families (protomem.audit.calibration: digits 8x8 and 32x32, textures, colour
