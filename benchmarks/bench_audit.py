@@ -16,7 +16,8 @@ Targets (issue 14), 32x32 grey images in .npy files (uint8):
 
 Also (``images8``, ``images32``, ``text``): detection throughput in-process beside a brute-force numpy
 baseline on a subset, for 100,000 x 10,000 images and 10,000 x 10,000 documents of 500 tokens.
-Speeds are compared as ratios measured in the same run (the machine is shared).
+Speeds are compared as ratios measured in the same run (the machine is shared). CPU seconds (summed over
+threads) are printed beside wall times: on a loaded machine their ratio is the steadier one.
 """
 
 from __future__ import annotations
@@ -77,30 +78,37 @@ def as_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(images[..., 0] * 255).astype(np.uint8)
 
 
-def flat_search_seconds(train: np.ndarray, outputs: np.ndarray) -> float:
-    """A plain faiss flat search: IndexFlatL2 over the float32 training vectors, k = 2 for every output."""
+def flat_search_seconds(train: np.ndarray, outputs: np.ndarray) -> tuple[float, float]:
+    """(wall, CPU) seconds of a plain faiss flat search: IndexFlatL2 over the float32 training vectors, k = 2
+    for every output. CPU seconds are summed over threads."""
     import faiss
 
     vectors = train.reshape(len(train), -1).astype(np.float32)
     queries = outputs.reshape(len(outputs), -1).astype(np.float32)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     index = faiss.IndexFlatL2(vectors.shape[1])
     index.add(vectors)
     index.search(queries, 2)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_command(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of ``protomem ARGS`` in a fresh process."""
-    start = time.perf_counter()
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_command(args: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds summed over threads, peak RSS GiB) of ``protomem ARGS`` in a fresh
+    process."""
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(
         [sys.executable, "-c", MEASURED_CLI, *args], capture_output=True, text=True, check=False
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"protomem {' '.join(args)} failed:\n{done.stderr}")
     peak = [line for line in done.stderr.splitlines() if line.startswith("peak-rss-kib")]
-    return seconds, int(peak[-1].split()[1]) / 2**20
+    return seconds, cpu, int(peak[-1].split()[1]) / 2**20
 
 
 def write_inputs(folder: Path, n_train: int, n_out: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,14 +142,16 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool) -> None:
                 ("--max-shift 2", ["--max-shift", "2"]),
             ]
         for i, (label, extra) in enumerate(runs):
-            flat = flat_search_seconds(train.astype(np.float32) / 255, outputs.astype(np.float32) / 255)
-            seconds, peak = run_command([*base, "--out", str(folder / f"out{i}"), *extra])
+            flat, flat_cpu = flat_search_seconds(
+                train.astype(np.float32) / 255, outputs.astype(np.float32) / 255
+            )
+            seconds, cpu, peak = run_command([*base, "--out", str(folder / f"out{i}"), *extra])
             inside = json.loads((folder / f"out{i}" / "summary.json").read_text())["seconds"]
             print(
                 f"full command {label} | {size}x{size}: {n_train:,} train x {n_out:,} outputs | "
-                f"{seconds:.1f} s wall (audit_images {inside:.1f} s) | faiss flat search {flat:.1f} s | "
-                f"ratio {seconds / flat:.2f}x | "
-                f"peak RSS {peak:.2f} GiB | load {os.getloadavg()[0]:.2f}",
+                f"{seconds:.1f} s wall (audit_images {inside:.1f} s), {cpu:.1f} s CPU | faiss flat search "
+                f"{flat:.1f} s wall, {flat_cpu:.1f} s CPU | ratio {seconds / flat:.2f}x wall, "
+                f"{cpu / flat_cpu:.2f}x CPU | peak RSS {peak:.2f} GiB | load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
 

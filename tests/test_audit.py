@@ -343,8 +343,8 @@ def calibration_rates(family: str, n_train: int, n_fresh: int, n_plant: int) -> 
     return calibration.rate_table(table, calibration.flag_rates(table)).loc[family]
 
 
-# Bounds from the calibration (docs/audit.md): every copy criterion flags at most 0.2% of fresh images at
-# its default threshold, on 500-1,000 fresh images per family; here, on fewer, at most 1%.
+# Bounds from the calibration (docs/results/audit.md): every copy criterion flags at most 0.7% of fresh
+# images at its default threshold, on 500-1,000 fresh images per family; here, on fewer, at most 1%.
 FRESH_BOUND = 0.01
 RECALL_BOUNDS = {  # plant: (criterion, smallest recall) on 32x32 digits and textures
     "shift": ("shifted", 0.95),

@@ -112,8 +112,8 @@ FLAT = 0.02  # pixel standard deviation at or below which a tile or an image car
 class AuditConfig(BaseModel):
     """Every threshold of the audit, validated. Distances of images are RMS per pixel value in [0, 1].
 
-    The image thresholds are calibrated (``benchmarks/calibrate_audit.py``, docs/audit.md): each one
-    flags well under 1% of fresh images of four kinds (digits at 8x8 and 32x32, textures, colour scenes).
+    The image thresholds are calibrated (``benchmarks/calibrate_audit.py``, docs/results/audit.md): each
+    one flags under 1% of fresh images of four kinds (digits at 8x8 and 32x32, textures, colour scenes).
     """
 
     model_config = ConfigDict(extra="forbid")
