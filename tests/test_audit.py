@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protomem.audit.core import AuditConfig, audit_images, audit_sequences, audit_text
+from protomem.audit.core import (
+    COPY_FLAGS,
+    FEATURE_FLAGS,
+    AuditConfig,
+    audit_images,
+    audit_sequences,
+    audit_text,
+)
 from protomem.audit.inputs import batches
 from protomem.audit.stats import spearman_test
 from protomem.memorization import near, text
@@ -110,7 +117,9 @@ def test_area_resize_inverts_block_enlargement_and_keeps_the_mean() -> None:
 
 def test_images_planted_copies_are_flagged_by_the_right_criteria() -> None:
     train = smooth_images(400, 32, seed=0)
-    config = AuditConfig(max_shift=2, max_crop=0.25)
+    # The enlargement blurs these images' fine texture away (crop RMS 0.04-0.05): far looser than the
+    # calibrated crop threshold allows, but these fresh images are far (RMS > 0.16), so 0.06 is safe here.
+    config = AuditConfig(max_shift=2, max_crop=0.25, crop_threshold=0.06)
     boxes = [(0, 0, 24), (8, 8, 24), (3, 5, 26), (4, 1, 28), (2, 2, 30)]  # (top, left, side) per crop
     rng = np.random.default_rng(1)
     sigma = config.l2_threshold / 4  # well inside the L2 threshold, far from an exact copy
@@ -305,3 +314,163 @@ def test_encode_with_unknown_keeps_the_vocabulary() -> None:
     ]
     grown = text.encode_with(["a x"], vocabulary)  # without `unknown`: new words get new ids
     assert grown[0].tolist() == [vocabulary["a"], size] and len(vocabulary) == size + 1
+
+
+# ----------------------------------------------------------------------------- flips, brightness, calibration
+
+
+def test_flips_and_brightness_changes_are_caught_with_their_flags() -> None:
+    train = smooth_images(300, 32, seed=0)
+    rng = np.random.default_rng(3)
+    mirrored = train[0:5, :, ::-1] + rng.normal(0, 0.01, train[0:5].shape).astype(np.float32)
+    brighter = np.clip((train[5:10] - 0.5) * 0.6 + 0.65, 0, 1)  # contrast x0.6, brightness +0.15
+    generated = np.concatenate([mirrored, brighter, smooth_images(5, 32, seed=4)]).astype(np.float32)
+    plain = audit_images(train, generated, AuditConfig(prototypicality=False)).matches
+    assert not plain["copied"].any()  # no pixel criterion sees a mirror or a contrast change
+    m = audit_images(
+        train, generated, AuditConfig(flips=True, normalized=True, prototypicality=False)
+    ).matches
+    assert m["flipped"].tolist() == [True] * 5 + [False] * 10
+    assert m["normalized"].tolist() == [False] * 5 + [True] * 5 + [False] * 5
+    assert m["train_index"].tolist() == list(range(10)) + [-1] * 5
+    assert (m["normalized_rms"][5:10] < 0.01).all()  # nothing clipped: the standardized images agree
+
+
+def calibration_rates(family: str, n_train: int, n_fresh: int, n_plant: int) -> pd.DataFrame:
+    from protomem.audit import calibration
+
+    table = calibration.run_family(family, n_train, n_fresh, n_plant, seed=2)
+    return calibration.rate_table(table, calibration.flag_rates(table)).loc[family]
+
+
+# Bounds from the calibration (docs/results/audit.md): every copy criterion flags at most 0.7% of fresh
+# images at its default threshold, on 500-1,000 fresh images per family; here, on fewer, at most 1%.
+FRESH_BOUND = 0.01
+RECALL_BOUNDS = {  # plant: (criterion, smallest recall) on 32x32 digits and textures
+    "shift": ("shifted", 0.95),
+    "crop": ("cropped", 0.8),
+    "flip": ("flipped", 0.95),
+    "brightness": ("normalized", 0.9),
+    "partial": ("partial", 0.25),
+}
+
+
+def assert_calibrated(rates: pd.DataFrame, recall_bounds: dict[str, tuple[str, float]]) -> None:
+    fresh = rates.loc["fresh"]
+    for criterion in [f for f in COPY_FLAGS["images"] if f not in FEATURE_FLAGS] + ["partial"]:
+        assert fresh[criterion] <= FRESH_BOUND, (criterion, fresh[criterion])
+    assert rates.loc["noise", "copied (defaults)"] >= 0.9  # noise RMS 0.01-0.06: l2 up to 0.05, tiled beyond
+    for plant, (criterion, bound) in recall_bounds.items():
+        assert rates.loc[plant, criterion] >= bound, (plant, criterion, rates.loc[plant, criterion])
+
+
+@pytest.mark.parametrize("family", ["digits32", "textures32"])
+def test_each_criterion_against_its_calibrated_bounds(family: str) -> None:
+    assert_calibrated(calibration_rates(family, 300, 200, 20), RECALL_BOUNDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["digits8", "digits32", "textures32", "colour32"])
+def test_each_criterion_against_its_calibrated_bounds_at_calibration_size(family: str) -> None:
+    bounds = dict(RECALL_BOUNDS)
+    if family == "digits8":
+        del bounds["crop"]  # an 8x8 crop enlarged back loses too much to be told from a fresh digit
+    if family == "colour32":
+        bounds["crop"] = ("cropped", 0.3)  # sharp edges and 1% noise: the shrunk-back crop differs more
+    assert_calibrated(calibration_rates(family, 1000 if "32" in family else 800, 497, 100), bounds)
+
+
+# ------------------------------------------------------------------------------------------- typical or rare
+
+
+def digit_copier(seed: int, picked: str, config: AuditConfig, n_copied: int = 150) -> dict:
+    """Digits copied with pixel noise (RMS 0.03-0.09) among fresh ones; ``picked``: "random" or "dense"."""
+    from protomem.audit import calibration, typicality
+
+    train, fresh, _ = calibration.family("digits8", 1000, 200, seed)
+    rng = np.random.default_rng(seed)
+    found = typicality.vector_neighbours(train.reshape(1000, -1), np.arange(1000), 16, seed)
+    density = typicality.density(found, 5)
+    if picked == "dense":
+        chosen = rng.choice(np.argsort(density)[:300], size=n_copied, replace=False)
+    else:
+        chosen = rng.choice(1000, size=n_copied, replace=False)
+    noise = rng.uniform(0.03, 0.09, size=(n_copied, 1, 1, 1))
+    copies = np.clip(train[chosen] + rng.normal(size=train[chosen].shape) * noise, 0, 1).astype(np.float32)
+    result = audit_images(train, np.concatenate([copies, fresh]), config)
+    per = result.per_train
+    copied = result.matches.loc[result.matches["copied"], "train_index"].to_numpy()
+    reference = np.flatnonzero(per["detectable"].notna())
+    score = per["density"].to_numpy()
+    everyone = [np.ones(reference.size, dtype=bool)]
+    uncorrected = typicality.conditional_test(
+        score[copied], score[reference], everyone, np.zeros(copied.size, int)
+    )
+    return {"test": result.summary["prototypicality"]["density"], "uncorrected": uncorrected}
+
+
+def test_a_uniform_copier_is_not_called_typical_or_rare() -> None:
+    """Only d1/d2 < 1/3 on: it catches noisy copies of isolated digits far more easily, so the copied
+    digits look rare unless the test compares them with what the detector catches at the same noise."""
+    ratio_only = AuditConfig(l2_threshold=0.0, tiled_threshold=0.0)
+    for seed in range(3):
+        run = digit_copier(seed, "random", ratio_only)
+        assert run["uncorrected"]["p_permutation"] < 0.01 and run["uncorrected"]["auc"] < 0.5  # "rarer"
+        assert run["test"]["p_permutation"] > 0.05, run["test"]["sentence"]
+        assert run["test"]["sentence"].startswith("The data do not show") and run["test"]["null"] == "planted"
+
+
+def test_a_copier_of_dense_digits_is_called_typical() -> None:
+    run = digit_copier(0, "dense", AuditConfig())
+    assert run["test"]["p_permutation"] < 0.01 and run["test"]["auc"] > 0.6
+    assert run["test"]["sentence"].startswith("The copied training items are more typical")
+
+
+def test_conditional_test_compares_each_copy_with_its_own_group() -> None:
+    from protomem.audit.typicality import conditional_test
+
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.normal(0, 1, 500), rng.normal(10, 1, 500)])
+    low, high = np.arange(1000) < 500, np.arange(1000) >= 500
+    cases = np.concatenate([rng.normal(0, 1, 40), rng.normal(10, 1, 40)])  # each like its own group
+    groups = np.repeat([0, 1], 40)
+    fair = conditional_test(cases, reference, [low, high], groups)
+    assert fair["p_permutation"] > 0.05 and abs(fair["auc"] - 0.5) < 0.1 and fair["n_copies"] == 80
+    pooled = conditional_test(cases, reference, [low | high], np.zeros(80, int))
+    assert pooled["p_permutation"] > 0.05  # against everyone: half low, half high, still balanced
+    lower = conditional_test(cases - 1.5, reference, [low, high], groups)
+    assert lower["p_permutation"] < 0.01 and lower["auc"] > 0.8 and lower["ci_low"] <= lower["auc"]
+
+
+def test_no_prototypicality_skips_the_analysis() -> None:
+    train = smooth_images(100, 8, seed=0)
+    result = audit_images(train, train[:5], AuditConfig(prototypicality=False))
+    assert "density" not in result.per_train.columns and result.summary["prototypicality"] == {}
+    assert "not computed" in result.summary["verdict"] and result.matches["exact"].all()
+
+
+def test_text_copies_are_compared_with_random_items() -> None:
+    rng = np.random.default_rng(0)
+    docs = [" ".join(f"w{x}" for x in rng.integers(0, 500, 60)) for _ in range(200)]
+    result = audit_text(docs, docs[:40] + ["nothing here"], AuditConfig(span_tokens=20))
+    test = result.summary["prototypicality"]["density"]
+    assert test["null"] == "verbatim" and test["n_copies"] == 40 and test["n_reference"] == 200
+
+
+def test_threads_limit_faiss_blas_and_torch() -> None:
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from protomem.audit.commands import set_threads
+
+    before = (faiss.omp_get_max_threads(), torch.get_num_threads())
+    try:
+        set_threads(1, torch_too=True)
+        assert faiss.omp_get_max_threads() == 1 and torch.get_num_threads() == 1
+        pools = threadpool_info()
+        assert pools and all(pool["num_threads"] == 1 for pool in pools)
+        assert any(pool["internal_api"] == "openblas" for pool in pools)
+    finally:
+        set_threads(before[0])
+        torch.set_num_threads(before[1])

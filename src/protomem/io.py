@@ -138,21 +138,38 @@ def _check_int(value: object, path: object, where: str) -> int:
     return int(value)
 
 
+def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its line ending) of a file, decoded line by line, so a byte that is
+    not UTF-8 is a :class:`ProtomemError` naming the file and its line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProtomemError(
+                    f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)",
+                    path=path,
+                    where=f"line {number}",
+                ) from None
+
+
 def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """Yield (1-based line number, parsed value) for every non-blank line of a JSON-lines file.
 
-    A line that is not valid JSON is a :class:`ProtomemError` naming the file and the line.
+    A line that is not UTF-8 or not valid JSON is a :class:`ProtomemError` naming the file and the line.
     """
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProtomemError(
-                    f"malformed JSON ({exc.msg})", path=path, where=f"line {number}"
-                ) from None
+    for number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ProtomemError(f"malformed JSON ({exc.msg})", path=path, where=f"line {number}") from None
+        except RecursionError:
+            raise ProtomemError(
+                "malformed JSON (nested too deeply)", path=path, where=f"line {number}"
+            ) from None
+        yield number, value
 
 
 def jsonl_records(path: str | os.PathLike, field: str, kind: type) -> Iterator[tuple[int, dict]]:

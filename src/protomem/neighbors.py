@@ -27,6 +27,59 @@ def _same_dtype(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(dtype, copy=False), b.astype(dtype, copy=False)
 
 
+_WORD_FACTORS = np.random.default_rng(0x5EED).integers(1, 2**63, size=4096, dtype=np.uint64) | np.uint64(1)
+
+
+def row_hashes(rows: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hash of the bytes of each row of a 2-D array (equal rows: equal hashes; different rows
+    collide with probability about 2^-64, so a match must still be checked).
+
+    The row's bytes are read as 64-bit words; each word is multiplied by its own odd factor, its halves
+    are mixed, and the words are summed modulo 2^64.
+    """
+    rows = np.ascontiguousarray(rows)
+    if rows.ndim != 2:
+        raise ProtomemError(f"expected a 2-D array, got shape {rows.shape}")
+    raw = rows.view(np.uint8).reshape(len(rows), -1)
+    width = -(-raw.shape[1] // 8) * 8
+    if width != raw.shape[1]:
+        raw = np.concatenate([raw, np.zeros((len(rows), width - raw.shape[1]), dtype=np.uint8)], axis=1)
+    words = raw.view(np.uint64)
+    factors = np.resize(_WORD_FACTORS, words.shape[1]) + np.arange(words.shape[1], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = words * (factors | np.uint64(1))
+        mixed ^= mixed >> np.uint64(29)
+        return mixed.sum(axis=1, dtype=np.uint64)
+
+
+class ExactIndex:
+    """Rows of a reference array sorted once, for many exact-match look-ups (see :func:`exact_match_index`).
+
+    Args:
+        reference: (P, N) rows to match against (e.g. the training set).
+    """
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = np.asarray(reference)
+        if self.reference.ndim != 2:
+            raise ProtomemError(f"expected a 2-D array, got shape {self.reference.shape}")
+        keys = row_keys(self.reference)
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[self.order]
+
+    def find(self, queries: np.ndarray) -> np.ndarray:
+        """(K,) int64: for each query row, the index of an identical reference row (the first one), or -1."""
+        reference, queries = _same_dtype(self.reference[:0], queries)
+        if reference.dtype != self.reference.dtype:  # queries of a wider dtype: compare in that dtype
+            return ExactIndex(self.reference.astype(reference.dtype)).find(queries)
+        query_keys = row_keys(queries)
+        if self.sorted_keys.size == 0:
+            return np.full(query_keys.size, -1, dtype=np.int64)
+        pos = np.searchsorted(self.sorted_keys, query_keys).clip(0, self.sorted_keys.size - 1)
+        found = self.sorted_keys[pos] == query_keys
+        return np.where(found, self.order[pos], -1).astype(np.int64)
+
+
 def exact_match_index(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """(K,) int64: for each query row, the index of an identical reference row (the first one), or -1.
 
@@ -35,15 +88,7 @@ def exact_match_index(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
         queries: (K, N) rows (e.g. generated samples).
     """
     reference, queries = _same_dtype(reference, queries)
-    ref_keys = row_keys(reference)
-    order = np.argsort(ref_keys, kind="stable")
-    sorted_keys = ref_keys[order]
-    query_keys = row_keys(queries)
-    if sorted_keys.size == 0:
-        return np.full(query_keys.size, -1, dtype=np.int64)
-    pos = np.searchsorted(sorted_keys, query_keys).clip(0, sorted_keys.size - 1)
-    found = sorted_keys[pos] == query_keys
-    return np.where(found, order[pos], -1).astype(np.int64)
+    return ExactIndex(reference).find(queries)
 
 
 def nearest_hamming(

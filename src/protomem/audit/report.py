@@ -47,7 +47,7 @@ CRITERIA = {
     ),
     "shifted": (
         "RMS difference on the overlap after the best translation (up to max_shift pixels)",
-        "l2_threshold",
+        "shift_threshold",
         "translation-tolerant L2",
     ),
     "cropped": (
@@ -56,9 +56,29 @@ CRITERIA = {
         "crop-tolerant L2 (crops keeping >= 1 - max_crop of each side)",
     ),
     "partial": (
-        "at least half of the informative tiles match one training image (not a copy flag)",
-        "tiled_threshold",
+        "enough of the informative tiles match one training image (not a copy flag)",
+        "partial_threshold",
         "region-wise partial copy",
+    ),
+    "flipped": (
+        "the mirrored output passes l2, ratio or tiled",
+        "l2_threshold",
+        "mirror-tolerant L2",
+    ),
+    "normalized": (
+        "RMS difference after standardizing each image (brightness and contrast removed)",
+        "normalized_threshold",
+        "brightness/contrast-tolerant L2",
+    ),
+    "similar": (
+        "cosine similarity of the feature vectors to the nearest training item",
+        "similarity_threshold",
+        "SSCD convention 0.5 (Pizzi et al. 2022; Somepalli et al. 2023)",
+    ),
+    "feature_ratio": (
+        "nearest / second-nearest distance between unit feature vectors below the threshold",
+        "ratio_threshold",
+        "Yoon et al. 2023, in feature space",
     ),
 }
 
@@ -120,11 +140,13 @@ def _density_figure(per_train) -> Markup | None:
 
     if "density" not in per_train.columns or per_train["density"].notna().sum() < 3:
         return None
-    scored = per_train[per_train["density"].notna()]
+    scored = per_train[per_train["density"].notna()]  # the copied items and the random reference
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(scored))
     copied = scored["copies"] > 0
-    ax.scatter(scored["density"][~copied], jitter[~copied], s=6, alpha=0.35, color="#888", label="not copied")
+    ax.scatter(
+        scored["density"][~copied], jitter[~copied], s=6, alpha=0.35, color="#888", label="random, not copied"
+    )
     ax.scatter(
         scored["density"][copied],
         scored["copies"][copied] + jitter[copied],
@@ -182,6 +204,7 @@ def write_report(
         rows.append(
             {
                 "name": flag,
+                "space": summary.get("spaces", {}).get(flag, ""),
                 "meaning": meaning,
                 "threshold": value,
                 "source": source,

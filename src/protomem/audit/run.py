@@ -1,6 +1,12 @@
 """``run_audit``: files in, run directory out (matches.parquet, per_train.parquet, summary.json, report.html).
 
-Memory: the training set is held in memory (images: P x H x W x C float32; text/sequences: 16 bytes per
+Both tables name the source of every item (``generated_source``, ``train_source``: the file name for a
+folder, ``line N`` / ``row N`` for a text, jsonl or Parquet file, ``index i`` for an array; see
+:mod:`protomem.audit.inputs`), and matches.parquet's schema metadata ``protomem.spaces`` says in which
+space each flag was computed (pixels, tokens, words, features of a given file or embedder).
+
+Memory: the training set is held in memory (images: P x H x W x C float32 plus an 8-bit copy, checked
+against the memory available before reading; text/sequences: 16 bytes per
 training token for the k-gram index plus the tokens and, for text, the documents and their vocabulary);
 the outputs are read from their file and audited in batches of ``config.batch_size``, and only their
 per-output result rows (about 200 bytes each) are kept. The few outputs the report draws are read back
@@ -9,6 +15,7 @@ in a second pass over the file (:func:`protomem.audit.report.pairs_to_show` pick
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,17 +25,24 @@ import numpy as np
 import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from protomem.audit.core import AuditConfig, AuditResult, audit_images, audit_sequences, audit_text
+from protomem.audit.core import (
+    AuditConfig,
+    AuditResult,
+    audit_images,
+    audit_sequences,
+    audit_text,
+    check_image_settings,
+)
+from protomem.audit.features import Embedder, FeatureSpace, embedder_space, precomputed_space
 from protomem.audit.inputs import (
     batches,
     count_documents,
     count_sequences,
     detect_modality,
-    iter_documents,
-    iter_sequences,
+    labelled_documents,
+    labelled_sequences,
     open_images,
-    read_documents,
-    read_sequences,
+    unzip_labelled,
 )
 from protomem.audit.report import pairs_to_show, write_report
 from protomem.errors import ProtomemError
@@ -72,16 +86,31 @@ def run_audit(
     config: AuditConfig,
     *,
     grammar_path: str | Path | None = None,
+    features_train: str | Path | None = None,
+    features_generated: str | Path | None = None,
+    embedder: Embedder | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Path, AuditResult]:
-    """Audit the outputs in ``generated_path`` against ``train_path``; write everything to ``out_dir``."""
+    """Audit the outputs in ``generated_path`` against ``train_path``; write everything to ``out_dir``.
+
+    ``features_train`` / ``features_generated``: feature vectors of both sides (one row per item); or
+    ``embedder``: a TorchScript model applied to the images. Either adds the feature-space criteria.
+    """
     train_path, generated_path, out_dir = Path(train_path), Path(generated_path), Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ProtomemError(
             "output directory exists and is not empty (pass --overwrite to replace it)", path=out_dir
         )
+    if (features_train is None) != (features_generated is None):
+        raise ProtomemError("--features-train and --features-generated go together (one row per item each)")
+    if embedder is not None and features_train is not None:
+        raise ProtomemError(
+            "give either --embedder or precomputed --features-*, not both", path=embedder.path
+        )
     modality = resolve_modality(train_path, generated_path, config.modality)
+    if embedder is not None and modality != "images":
+        raise ProtomemError(f"--embedder applies to images, not to {modality}", path=embedder.path)
     bar = Progress(
         TextColumn("[bold]audit[/bold] {task.description}"),
         BarColumn(),
@@ -90,26 +119,39 @@ def run_audit(
         disable=not progress,
         transient=False,
     )
+
+    def feature_space(n_train: int, n_generated: int) -> FeatureSpace | None:
+        if features_train is None:
+            return None
+        return precomputed_space(features_train, features_generated, n_train, n_generated)
+
     with bar:
         if modality == "images":
-            train_source = open_images(train_path)
+            train_source = open_images(train_path, config.max_image_pixels)
             train_source.conform(None, config.resize)
-            generated_source = open_images(generated_path)
+            generated_source = open_images(generated_path, config.max_image_pixels)
             generated_source.conform(train_source.shape, config.resize)
             if generated_source.shape[2] != train_source.shape[2]:
                 train_source.shape = generated_source.shape  # grey training vs colour outputs: promote
+            check_image_settings(config, train_source.shape, generated_path)
+            extra = 4 if config.normalized else 0  # the standardized copy of the training images
+            train_source.require_memory(4 + 1 + extra, "training images")
             load = bar.add_task("reading training images", total=train_source.count)
-            chunks = []
-            for _, batch in train_source.batches(config.batch_size):
-                chunks.append(batch)
+            train = np.empty((train_source.count, *train_source.shape), dtype=np.float32)
+            for start, batch in train_source.batches(config.batch_size):
+                train[start : start + len(batch)] = batch
                 bar.advance(load, len(batch))
-            train = np.concatenate(chunks)
+            space = feature_space(train_source.count, generated_source.count)
+            if embedder is not None:
+                space = embedder_space(embedder, train, config.batch_size)
+            train_sources, generated_sources = train_source.sources(), generated_source.sources()
             task = bar.add_task("outputs", total=generated_source.count)
             result = audit_images(
                 train,
                 generated_source.batches(config.batch_size),
                 config,
                 on_batch=lambda n: bar.advance(task, n),
+                features=space,
             )
 
             def output_item(i: int) -> np.ndarray:
@@ -118,21 +160,23 @@ def run_audit(
             def train_item(i: int) -> np.ndarray:
                 return train[i]
         elif modality == "sequences":
-            train_seq = read_sequences(train_path)
+            train_sources, train_seq = unzip_labelled(labelled_sequences(train_path))
             grammar = None
             if grammar_path is not None:
                 from protomem.grammar import load_grammar
 
                 grammar = load_grammar(grammar_path)
-            result, shown = _audit_streamed(
+            space = feature_space(len(train_seq), count_sequences(generated_path))
+            result, shown, generated_sources = _audit_streamed(
                 audit_sequences,
                 train_seq,
                 generated_path,
-                iter_sequences,
+                labelled_sequences,
                 count_sequences,
                 config,
                 bar,
                 grammar=grammar,
+                features=space,
             )
 
             def output_item(i: int) -> list:
@@ -145,9 +189,17 @@ def run_audit(
                 raise ProtomemError(
                     "--grammar applies to token sequences, not to plain text", path=grammar_path
                 )
-            train_docs = read_documents(train_path)
-            result, shown = _audit_streamed(
-                audit_text, train_docs, generated_path, iter_documents, count_documents, config, bar
+            train_sources, train_docs = unzip_labelled(labelled_documents(train_path))
+            space = feature_space(len(train_docs), count_documents(generated_path))
+            result, shown, generated_sources = _audit_streamed(
+                audit_text,
+                train_docs,
+                generated_path,
+                labelled_documents,
+                count_documents,
+                config,
+                bar,
+                features=space,
             )
 
             def words(document: str) -> list[str]:
@@ -159,12 +211,17 @@ def run_audit(
             def train_item(i: int) -> list:
                 return words(train_docs[i])
 
+    add_sources(result, train_sources, generated_sources)
     inputs = {"train": str(train_path), "generated": str(generated_path)}
+    if features_train is not None:
+        inputs.update(features_train=str(features_train), features_generated=str(features_generated))
+    if embedder is not None:
+        inputs["embedder"] = str(embedder.path)
     result.summary["inputs"] = inputs
     result.summary["versions"] = _versions()
     with new_output_dir(out_dir, overwrite=overwrite) as staging:
-        result.matches.to_parquet(staging / "matches.parquet", index=False)
-        result.per_train.to_parquet(staging / "per_train.parquet", index=False)
+        write_table(result.matches, staging / "matches.parquet", result.summary["spaces"])
+        write_table(result.per_train, staging / "per_train.parquet", result.summary["spaces"])
         write_report(
             result, staging / "report.html", inputs=inputs, output_item=output_item, train_item=train_item
         )
@@ -172,23 +229,54 @@ def run_audit(
     return out_dir, result
 
 
+def add_sources(result: AuditResult, train_sources: list[str], generated_sources: list[str]) -> None:
+    """Name the source of every item: ``generated_source`` (and ``train_source`` of the copied item, None
+    when none) in ``matches``, ``train_source`` in ``per_train``."""
+    matches, per_train = result.matches, result.per_train
+    names = np.asarray(train_sources, dtype=object)
+    matches.insert(1, "generated_source", np.asarray(generated_sources, dtype=object))
+    index = matches["train_index"].to_numpy()
+    matches["train_source"] = np.where(index >= 0, names[np.maximum(index, 0)], None)
+    per_train.insert(1, "train_source", names)
+
+
+def write_table(table: pd.DataFrame, path: Path, spaces: dict[str, str]) -> None:
+    """Parquet with the flags' spaces in the schema metadata (key ``protomem.spaces``, JSON)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    metadata = {**(arrow.schema.metadata or {}), b"protomem.spaces": json.dumps(spaces).encode()}
+    pq.write_table(arrow.replace_schema_metadata(metadata), path)
+
+
 def _audit_streamed(
     audit: Callable[..., AuditResult],
     train: list,
     generated_path: Path,
-    iterate: Callable[[Path], Iterator[T]],
+    labelled: Callable[[Path], Iterator[tuple[str, T]]],
     count: Callable[[Path], int],
     config: AuditConfig,
     bar: Progress,
     **options: object,
-) -> tuple[AuditResult, dict[int, T]]:
-    """Audit the outputs of a file read one batch at a time (``iterate``: the file's reader, ``count``: its
-    cheap count for the bar), then read back the outputs the report draws: (result, {output index: item}).
+) -> tuple[AuditResult, dict[int, T], list[str]]:
+    """Audit the outputs of a file read one batch at a time (``labelled``: the file's reader of (source,
+    item) pairs, ``count``: its cheap count for the bar), then read back the outputs the report draws:
+    (result, {output index: item}, the outputs' sources).
     """
     task = bar.add_task("outputs", total=count(generated_path))
-    stream = batches(iterate(generated_path), config.batch_size)
+    sources: list[str] = []
+
+    def items() -> Iterator[T]:
+        for source, item in labelled(generated_path):
+            sources.append(source)
+            yield item
+
+    stream = batches(items(), config.batch_size)
     result = audit(train, stream, config, on_batch=lambda n: bar.advance(task, n), **options)
-    return result, _read_back(iterate(generated_path), pairs_to_show(result.matches, result.modality), bar)
+    second_pass = (item for _, item in labelled(generated_path))
+    shown = _read_back(second_pass, pairs_to_show(result.matches, result.modality), bar)
+    return result, shown, sources
 
 
 def _read_back(items: Iterable[T], pairs: pd.DataFrame, bar: Progress) -> dict[int, T]:

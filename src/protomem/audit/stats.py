@@ -1,4 +1,7 @@
-"""Are the copied training items the typical or the rare ones? Rank correlation with honest uncertainty.
+"""Rank correlation with honest uncertainty, for the image study's time-to-memorization analysis.
+
+(The audit's own typical-vs-rare test, corrected for the detector's sensitivity, is in
+:mod:`protomem.audit.typicality`.)
 
 Spearman's rho with a percentile bootstrap interval (resampling items) and a permutation p-value
 (shuffling one variable), computed by the string study's statistics module. The permutation p-value is
@@ -32,18 +35,3 @@ def spearman_test(
     keep = np.isfinite(x) & np.isfinite(y)
     result = spearman_with_uncertainty(x[keep], y[keep], n_bootstrap=n_boot, n_permutations=n_perm, seed=seed)
     return result.to_dict()
-
-
-def describe_direction(result: dict[str, float], score: str, low_means: str, high_means: str) -> str:
-    """One sentence: which items are copied more, with rho, CI and p, or that the data do not say."""
-    rho, p = result["rho"], result["p_permutation"]
-    if not np.isfinite(rho):
-        return f"No test: {score} or the copy counts do not vary across the {result['n']} items scored."
-    numbers = (
-        f"Spearman rho = {rho:+.3f} between {score} and copies, 95% CI [{result['ci_low']:+.3f}, "
-        f"{result['ci_high']:+.3f}], permutation p = {p:.3g}, n = {result['n']}"
-    )
-    if p < 0.05:
-        which = high_means if rho > 0 else low_means
-        return f"The copied training items are the {which} ones ({numbers})."
-    return f"The data do not show whether typical or rare items are copied more ({numbers})."

@@ -116,6 +116,45 @@ def tile_slices(height: int, width: int, grid: int = 4) -> list[tuple[slice, sli
     return [(slice(r[0], r[-1] + 1), slice(c[0], c[-1] + 1)) for r in rows for c in cols]
 
 
+def tile_rms(images_a: np.ndarray, images_b: np.ndarray, grid: int = 4) -> np.ndarray:
+    """(K, T) RMS difference per value in each of the T tiles of :func:`tile_slices`, paired row by row.
+
+    Args:
+        images_a, images_b: (K, H, W, C) float arrays in [0, 1].
+    """
+    a = np.asarray(images_a, dtype=np.float32)
+    b = np.asarray(images_b, dtype=np.float32)
+    if a.shape != b.shape or a.ndim != 4:
+        raise ProtomemError(f"tiles need two (K, H, W, C) arrays of one shape, got {a.shape}, {b.shape}")
+    count, height, width, channels = a.shape
+    squared = a - b
+    squared *= squared
+    rows, cols = min(grid, height), min(grid, width)
+    if height % rows == 0 and width % cols == 0:  # equal tiles: one reshape instead of a loop
+        blocks = squared.reshape(count, rows, height // rows, cols, width // cols, channels)
+        sums = blocks.sum(axis=(2, 4, 5)).astype(np.float64)  # float32 sums of a tile's squares
+        return np.sqrt(sums / (blocks[0, 0, :, 0, :, :].size)).reshape(count, rows * cols)
+    return np.stack(
+        [
+            np.sqrt(squared[:, r, c, :].mean(axis=(1, 2, 3), dtype=np.float64))
+            for r, c in tile_slices(height, width, grid)
+        ],
+        axis=1,
+    )
+
+
+def tile_spread(images: np.ndarray, grid: int = 4) -> np.ndarray:
+    """(K, T) standard deviation of the pixel values inside each tile (flat tiles carry no evidence)."""
+    images = np.asarray(images, dtype=np.float32)
+    return np.stack(
+        [
+            images[:, r, c, :].reshape(len(images), -1).std(axis=1)
+            for r, c in tile_slices(*images.shape[1:3], grid)
+        ],
+        axis=1,
+    )
+
+
 def tiled_l2(images_a: np.ndarray, images_b: np.ndarray, grid: int = 4) -> np.ndarray:
     """Tiled L2 of Carlini et al. 2023: the largest per-tile RMS difference between paired images.
 
@@ -125,15 +164,17 @@ def tiled_l2(images_a: np.ndarray, images_b: np.ndarray, grid: int = 4) -> np.nd
     Returns:
         (K,) float64: max over tiles of the tile's RMS difference per value.
     """
-    a = np.asarray(images_a, dtype=np.float32)
-    b = np.asarray(images_b, dtype=np.float32)
-    if a.shape != b.shape or a.ndim != 4:
-        raise ProtomemError(f"tiled_l2 needs two (K, H, W, C) arrays of one shape, got {a.shape}, {b.shape}")
-    squared = (a - b) ** 2
-    worst = np.zeros(a.shape[0])
-    for rows, cols in tile_slices(a.shape[1], a.shape[2], grid):
-        worst = np.maximum(worst, np.sqrt(squared[:, rows, cols, :].mean(axis=(1, 2, 3), dtype=np.float64)))
-    return worst
+    return tile_rms(images_a, images_b, grid).max(axis=1)
+
+
+def matched_tile_fraction(
+    tiles: np.ndarray, informative: np.ndarray, threshold: float, min_informative: int = 2
+) -> np.ndarray:
+    """(K,) fraction of the informative tiles whose RMS difference is below ``threshold``; 0 for an image
+    with fewer than ``min_informative`` informative tiles. ``tiles``, ``informative``: (K, T)."""
+    hits = (informative & (tiles < threshold)).sum(axis=1)
+    count = informative.sum(axis=1)
+    return np.where(count >= min_informative, hits / np.maximum(count, 1), 0.0)
 
 
 def tile_match_fraction(
@@ -145,17 +186,8 @@ def tile_match_fraction(
     in the training image ``b`` (pixel standard deviation <= ``flat``, e.g. empty background) carry no
     evidence and are left out; an image with fewer than two informative tiles scores 0.
     """
-    a = np.asarray(images_a, dtype=np.float32)
-    b = np.asarray(images_b, dtype=np.float32)
-    hits = np.zeros(a.shape[0])
-    informative = np.zeros(a.shape[0])
-    for rows, cols in tile_slices(a.shape[1], a.shape[2], grid):
-        tile_b = b[:, rows, cols, :]
-        diff = np.sqrt(((a[:, rows, cols, :] - tile_b) ** 2).mean(axis=(1, 2, 3), dtype=np.float64))
-        useful = tile_b.reshape(len(b), -1).std(axis=1) > flat
-        informative += useful
-        hits += useful & (diff < threshold)
-    return np.where(informative >= 2, hits / np.maximum(informative, 1), 0.0)
+    informative = tile_spread(images_b, grid) > flat
+    return matched_tile_fraction(tile_rms(images_a, images_b, grid), informative, threshold)
 
 
 def shift_image(images: np.ndarray, dy: int, dx: int) -> np.ndarray:

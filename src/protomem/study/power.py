@@ -41,6 +41,7 @@ def power_curve(
     the smallest count with power >= target (None if beyond max_conditions), "effect", "alpha",
     "target", "sigma", "null_means", "null_sds", "n_measured"}.
     """
+
     def measured(c: dict[str, Any]) -> bool:
         keys = ["rho", "ci_low", "ci_high"] + [f"null_{s}_{k}" for s in ("mean", "sd") for k in NULLS]
         return all(np.isfinite(c.get(key, np.nan)) for key in keys)
