@@ -184,6 +184,7 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
 
     context = multiprocessing.get_context("spawn")
     dirs = {c.name: out_dir / "conditions" / c.name for c in conditions}
+    ordered = [conditions[i] for i in submission_order(conditions)]  # counted before any worker starts
     with (
         ProcessPoolExecutor(
             max_workers=jobs, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
@@ -199,7 +200,6 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
     ):
         tasks = {c.name: bars.add_task(c.name, total=c.diffusion.steps) for c in conditions}
         overall = bars.add_task("all conditions", total=sum(c.diffusion.steps for c in conditions))
-        ordered = [conditions[i] for i in submission_order(conditions)]
         futures = {pool.submit(_run_one, c, str(dirs[c.name])): c.name for c in ordered}
         pending = set(futures)
         while pending:
