@@ -69,7 +69,9 @@ def audit(
     """Audit a model's outputs (token sequences, text or images) for copies of its training data."""
     from protomem.audit.core import AuditConfig
     from protomem.audit.run import run_audit
+    from protomem.outputs import check_output_dir
 
+    check_output_dir(out, overwrite=overwrite, inputs=[train, generated, grammar])
     if threads is not None:
         import faiss
 
