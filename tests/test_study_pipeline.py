@@ -68,6 +68,7 @@ def test_run_directory_has_every_output(tiny_run):
         "slop.parquet",
         "summary.json",
         "report.html",
+        "heldout.parquet",
     ):
         assert (tiny_run / name).is_file(), name
     assert list((tiny_run / "train" / "checkpoints").glob("step_*"))
@@ -92,6 +93,57 @@ def test_run_directory_has_every_output(tiny_run):
     doc = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert doc["versions"]["torch"] == torch.__version__
     assert set(doc["seeds"]) == {"grammar", "data", "model", "analysis"}
+    # the matched design: the primary score and log p(x) (nearly) uncorrelated in the training set
+    design = summary["training_set"]
+    assert design["design"] == "matched" and abs(design["rho_score_logprob"]) <= 0.01
+    ranks = per_example[summary["primary_score"]].rank()
+    assert abs(np.corrcoef(ranks, logprob_ranks)[0, 1] - design["rho_score_logprob"]) < 1e-9
+    # the likelihood endpoint and the slop test
+    assert 0.0 <= summary["likelihood"]["frac_memorized_final"] <= 1.0
+    assert summary["primary_score"] in summary["likelihood"]["correlations"]
+    assert np.isfinite(summary["likelihood"]["agreement_rho"])
+    test = summary["slop"]["test"]
+    assert test is None or {"slope", "p_grammar", "p_calibrated"} <= set(test)
+
+
+def test_likelihood_endpoint_recomputed_from_the_stored_elbos(tiny_run):
+    """Gains, thresholds and first crossings of per_example.parquet, recomputed from the ELBO files."""
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    per_example = pd.read_parquet(tiny_run / "per_example.parquet")
+    train = read_strings(tiny_run / "train.parquet")
+    heldout = read_strings(tiny_run / "heldout.parquet")
+    steps = summary["steps"]
+    nll_train = np.zeros((len(train.tokens), len(steps)))
+    nll_heldout = np.zeros((len(heldout.tokens), len(steps)))
+    for t, step in enumerate(steps):
+        table = pd.read_parquet(tiny_run / "evals" / f"likelihood_step_{step:08d}.parquet")
+        for frame, rows in (
+            (nll_train, table[table["set"] == "train"]),
+            (nll_heldout, table[table["set"] == "heldout"]),
+        ):
+            frame[rows["index"].to_numpy(), t] = rows["nll"].to_numpy()
+    assert np.isfinite(nll_train).all() and (nll_train > 0).all()
+    r = 4
+
+    def reference(logprob, classes, exclude):
+        out = []
+        for i in range(len(logprob)):
+            distance = np.abs(np.round(heldout.logprobs, 9) - round(logprob[i], 9)) + 1e6 * (
+                heldout.classes != classes[i]
+            )
+            if exclude:
+                distance[i] = np.inf
+            out.append(nll_heldout[np.argsort(distance, kind="stable")[:r]].mean(axis=0))
+        return np.array(out)
+
+    gain = reference(train.logprobs, train.classes, False) - nll_train
+    heldout_gain = reference(heldout.logprobs, heldout.classes, True) - nll_heldout
+    assert np.allclose(np.array(per_example["likelihood_gain"].tolist()), gain)
+    threshold = np.quantile(heldout_gain, 0.99, axis=0)
+    assert np.allclose(summary["likelihood"]["thresholds"], threshold)
+    crossed = gain > threshold
+    first = np.where(crossed.any(1), np.array(steps)[crossed.argmax(1)], -1)
+    assert (per_example["first_memorized_step_likelihood"].to_numpy() == first).all()
 
 
 def test_copies_and_novel_samples_agree_with_the_training_set(tiny_run):
@@ -250,6 +302,12 @@ def test_quick_preset_study_end_to_end(tmp_path):
     study = json.loads((out / "study.json").read_text())
     assert study["status"] == "complete" and study["threads"] == 1
     assert "memorized first" in study["verdict"]
+    claims = {(c["claim"], c["endpoint"]): c for c in study["claims"]}
+    assert set(claims) == {("a", "copies"), ("a", "likelihood"), ("b", "tau_mem"), ("c", "slop")}
+    assert claims[("b", "tau_mem")]["verdict"] == "not tested"  # the quick preset has no skew arms
+    verdicts = {"supported", "not supported", "refuted", "not tested"}
+    assert all(c["verdict"] in verdicts and c["statement"] and c["test"] for c in claims.values())
+    assert claims[("a", "copies")]["n_conditions"] == 1
     condition = out / "conditions" / study["conditions"][0]
     summary = json.loads((condition / "summary.json").read_text())
     assert summary["finer_sampler"]["sampling_steps"] > summary["sampling_steps"]

@@ -10,6 +10,7 @@ from protomem.errors import ProtomemError
 from protomem.study import stats
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.presets import PRESETS, get_preset
+from protomem.study.skew import skew_arm
 
 
 def test_spearman_matches_scipy_with_ties():
@@ -102,7 +103,19 @@ def test_presets_validate_and_overrides_are_checked():
             assert config.seq_len == condition.grammar.branching**condition.grammar.depth
     names = [c.name for c in get_preset("default").conditions]
     assert len(set(names)) == len(names)
-    assert {c.grammar.zipf_exponent for c in get_preset("default").conditions} == {0.0, 1.0}
+    assert {c.grammar.zipf_exponent for c in get_preset("copy-first").conditions} == {0.0, 1.0}
+    # the default and decisive presets: Zipf rules, matched training sets, disjoint seeds
+    for name in ("default", "decisive"):
+        conditions = get_preset(name).conditions
+        assert {c.grammar.zipf_exponent for c in conditions} == {1.0}
+        assert {c.data.design for c in conditions} == {"matched"}
+    default_seeds = {c.grammar.seed for c in get_preset("default").conditions}
+    assert not default_seeds & {c.grammar.seed for c in get_preset("decisive").conditions}
+    # claim (b): three arms per seed sharing the grammar seed
+    arms = {}
+    for c in get_preset("zipf-levels").conditions:
+        arms.setdefault(c.grammar.seed, set()).add(skew_arm(c))
+    assert all(a == {"uniform", "top", "bottom"} for a in arms.values())
     base = get_preset("quick").conditions[0]
     changed = apply_overrides(base, {"grammar.zipf_exponent": 0.5, "diffusion.threads": 1})
     assert changed.grammar.zipf_exponent == 0.5 and changed.diffusion.threads == 1

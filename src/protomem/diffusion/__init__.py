@@ -29,6 +29,9 @@ Notes for callers:
 - ``generate(loaded, count, *, sampling_steps=None, seed=0, classes=None, batch_size=512)`` -> (count, N)
   int64; a class-conditional model with ``classes=None`` draws classes uniformly. The result depends on
   (seed, batch_size, thread count).
+- ``nll_bound(loaded, tokens, *, draws=4, seed=0, classes=None)`` -> (B,) float64: each sequence's
+  negative ELBO in nats (the bound the loss trains), from a fixed, seeded set of noise draws so that
+  checkpoints are comparable (membership-style likelihood of training vs unseen sequences).
 - Threads: ``config.threads=None`` probes 1 vs all cores on a throwaway copy and uses the faster; the
   choice is in ``TrainResult.threads`` and the checkpoint state (a resume reuses it). ``train`` restores
   the caller's torch thread count on return.
@@ -65,6 +68,7 @@ _EXPORTS = {
     "generate": "protomem.diffusion.sampling",
     "load_checkpoint": "protomem.diffusion.checkpoint",
     "load_config": "protomem.diffusion.config",
+    "nll_bound": "protomem.diffusion.likelihood",
     "train": "protomem.diffusion.trainer",
 }
 
@@ -86,12 +90,14 @@ __all__ = [
     "generate",
     "load_checkpoint",
     "load_config",
+    "nll_bound",
     "train",
 ]
 
 if TYPE_CHECKING:
     from protomem.diffusion.checkpoint import LoadedCheckpoint, available_steps, load_checkpoint
     from protomem.diffusion.config import DiffusionConfig, config_from_dict, load_config
+    from protomem.diffusion.likelihood import nll_bound
     from protomem.diffusion.models import Transformer, TreeUNet, build_model, count_parameters
     from protomem.diffusion.processes import (
         PROCESSES,

@@ -5,6 +5,9 @@
   lowest failing level, Hamming distance to the nearest training string).
 - :mod:`protomem.memorization.tracking`: copies of every training string per checkpoint, the grammar's
   expectation K·p(x), the first memorized step.
+- :mod:`protomem.memorization.likelihood`: the dense endpoint: each training string's likelihood gain
+  (negative ELBO of matched held-out strings minus its own) and the first checkpoint it beats the held-out
+  strings' own spread.
 - :mod:`protomem.memorization.slop`: how often samples reproduce each training block, against the training
   set and the grammar.
 - :mod:`protomem.memorization.near`, :mod:`protomem.memorization.text`: near-copy and text detectors used by

@@ -59,3 +59,27 @@ def not_yet_memorized_curve(first_index: np.ndarray, n_checkpoints: int) -> np.n
     if first_index.size == 0:
         return np.full(n_checkpoints, np.nan)
     return np.array([(first_index > t).mean() for t in range(n_checkpoints)])
+
+
+def onset_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> float:
+    """First step at which ``values`` reaches ``threshold``, interpolated in log(step); NaN if never.
+
+    Args:
+        steps: (E,) evaluation steps (any order, >= 1).
+        values: (E,) the fraction at each step (NaN entries are ignored).
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(values) & (steps > 0)
+    steps, values = steps[keep], values[keep]
+    order = np.argsort(steps)
+    steps, values = steps[order], values[order]
+    above = np.flatnonzero(values >= threshold)
+    if above.size == 0:
+        return float("nan")
+    i = int(above[0])
+    if i == 0:
+        return float(steps[0])
+    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
+    frac = (threshold - v0) / (v1 - v0)
+    return float(np.exp(np.log(s0) + frac * (np.log(s1) - np.log(s0))))

@@ -17,11 +17,21 @@ from protomem.grammar import RHM, Derivations, enumerate_strings, n_valid_string
 from protomem.grammar.prototypicality import prototypicality_table
 from protomem.io import atomic_path
 from protomem.memorization.hierarchy import chance_block_copy_fraction
+from protomem.memorization.likelihood import (
+    first_exceeding,
+    gain_thresholds,
+    likelihood_gain,
+    match_by_logprob,
+)
 from protomem.memorization.slop import sample_block_counts, training_blocks
 from protomem.memorization.tracking import copies_per_checkpoint, expected_copies, first_memorized
 from protomem.study import stats
 from protomem.study.config import ConditionConfig
+from protomem.study.design import tied_logprob
 from protomem.study.pipeline import EVALS_DIR, write_table
+from protomem.study.slop_test import window_test
+
+ENDPOINTS = ("copies", "likelihood")
 
 # Scores analysed, and the sign that makes "higher = more prototypical".
 SCORE_SIGNS = {"nn_hamming": -1.0}
@@ -103,6 +113,7 @@ def analyze_condition(
     slop_rows: dict[str, list] = {
         k: [] for k in ("step", "level", "position", "train_count", "sample_count", "grammar_prob")
     }
+    counts_per_checkpoint: list[np.ndarray] = []
     for t, s in enumerate(steps):
         rows = step_col == s
         metrics["step"].append(int(s))
@@ -122,6 +133,7 @@ def analyze_condition(
         metrics.setdefault("distinct_copied", []).append(int((copies[:, t] > 0).sum()))
         metrics.setdefault("frac_memorized", []).append(float((first_index <= t).mean()))
         sample_counts = sample_block_counts(grammar, blocks, tokens_all[rows])
+        counts_per_checkpoint.append(sample_counts)
         for level in range(depth):
             at = blocks["level"] == level
             metrics.setdefault(f"slop_slope_l{level}", []).append(
@@ -196,34 +208,49 @@ def analyze_condition(
 
     # Scores constant over the training set (e.g. whole-string duplicates of distinct strings) say nothing.
     score_names = [c for c in [*scores] if stats.varies(scores[c])]
-    correlations: dict[str, Any] = {}
-    null_columns: dict[str, list] = {"score": [], "null": [], "draw": [], "rho": []}
-    early = stats.earliness(first_index)
-    for name in score_names:
-        signed = SCORE_SIGNS.get(name, 1.0) * np.asarray(scores[name], dtype=float)
-        result = stats.spearman_with_uncertainty(
-            signed,
-            early,
-            n_bootstrap=analysis.n_bootstrap,
-            n_permutations=analysis.n_permutations,
-            seed=analysis.seed,
-        ).to_dict()
-        for null_name, draws in null_first.items():
-            rhos = stats.null_rhos(signed, draws)
-            result[f"null_mean_{null_name}"] = _nanmean(rhos)
-            result[f"p_{null_name}"] = stats.tail_p(result["rho"], rhos)
-            null_columns["score"] += [name] * len(rhos)
-            null_columns["null"] += [null_name] * len(rhos)
-            null_columns["draw"] += list(range(len(rhos)))
-            null_columns["rho"] += rhos.tolist()
-        result["direction"] = "higher = more prototypical" if SCORE_SIGNS.get(name, 1.0) > 0 else "negated"
-        correlations[name] = result
-    # The primary score is the one pre-specified test; the others are a family: adjust their p-values.
-    for null_name in ("calibrated", "grammar"):
-        secondary = {n: c[f"p_{null_name}"] for n, c in correlations.items() if n != analysis.primary_score}
-        for name, adjusted in stats.adjusted_p_values(secondary).items():
-            correlations[name][f"p_{null_name}_bh"] = adjusted
-    write_table(out_dir / "nulls.parquet", null_columns)
+    null_columns: dict[str, list] = {"endpoint": [], "score": [], "null": [], "draw": [], "rho": []}
+    correlations = correlate_scores(
+        scores, score_names, first_index, null_first, analysis, "copies", null_columns
+    )
+
+    # --- the likelihood endpoint: the model's own ELBO of training vs matched held-out strings ---------
+    likelihood = likelihood_endpoint(config, out_dir, data, steps)
+    correlations_likelihood: dict[str, Any] = {}
+    if likelihood is not None:
+        per_example["likelihood_gain"] = likelihood["gain"].tolist()
+        per_example["first_memorized_index_likelihood"] = likelihood["first_index"]
+        per_example["first_memorized_step_likelihood"] = likelihood["first_step"]
+        metrics["likelihood_threshold"] = likelihood["thresholds"].tolist()
+        metrics["median_gain"] = np.median(likelihood["gain"], axis=0).tolist()
+        metrics["median_gain_heldout"] = np.median(likelihood["heldout_gain"], axis=0).tolist()
+        metrics["frac_memorized_likelihood"] = [
+            float((likelihood["first_index"] <= t).mean()) for t in range(n_ckpt)
+        ]
+        write_table(out_dir / "metrics.parquet", metrics)
+        # nulls: memorization order set by log p(x) alone (grammar), or by the model's own likelihood of
+        # unseen strings like it (calibrated: its matched held-out strings' ELBO at the final checkpoint)
+        null_rng = np.random.default_rng([analysis.seed, 1])
+        likelihood_nulls = {
+            name: stats.stratified_permutations(
+                likelihood["first_index"],
+                stats.quantile_strata(stratifier, LIKELIHOOD_STRATA),
+                analysis.n_null_draws,
+                null_rng,
+            )
+            for name, stratifier in (
+                ("grammar", tied_logprob(data.logprob)),
+                ("calibrated", likelihood["matched_heldout_nll_final"]),
+            )
+        }
+        correlations_likelihood = correlate_scores(
+            scores,
+            score_names,
+            likelihood["first_index"],
+            likelihood_nulls,
+            analysis,
+            "likelihood",
+            null_columns,
+        )
     write_table(out_dir / "per_example.parquet", per_example)
 
     # --- multi-score model at the most informative checkpoint -----------------------------------
@@ -268,6 +295,28 @@ def analyze_condition(
             "slope_final": float(slopes[-1]),
             "grammar_slope": float(metrics[f"grammar_slope_l{level}"][0]),
         }
+    # the test of slop over that window, against a grammar sampler and a calibrated (sharpened-grammar) null
+    tested = window_test(
+        blocks,
+        [counts_per_checkpoint[t] for t in pre],
+        list(range(1, depth)),
+        P,
+        [int((step_col == steps[t]).sum()) for t in pre],
+        analysis.n_null_draws,
+        np.random.default_rng([analysis.seed, 2]),
+    )
+    slop_test_summary = None
+    if tested is not None:
+        slop_test_summary = {"slope": tested["slope"], "per_level": tested["per_level"]}
+        for null_name, values in tested["null_draws"].items():
+            slop_test_summary[f"null_mean_{null_name}"] = _nanmean(values)
+            slop_test_summary[f"p_{null_name}"] = stats.tail_p(tested["slope"], values)
+            null_columns["endpoint"] += ["slop"] * len(values)
+            null_columns["score"] += ["slop_slope"] * len(values)
+            null_columns["null"] += [null_name] * len(values)
+            null_columns["draw"] += list(range(len(values)))
+            null_columns["rho"] += values.tolist()
+    write_table(out_dir / "nulls.parquet", null_columns)
     nan = float("nan")
     primary = correlations.get(
         analysis.primary_score, {"rho": nan, "ci_low": nan, "ci_high": nan, "p_permutation": nan}
@@ -291,15 +340,140 @@ def analyze_condition(
         "primary_score": analysis.primary_score,
         "primary": primary,
         "correlations": correlations,
+        "likelihood": likelihood_summary(likelihood, first_index, n_ckpt, analysis, correlations_likelihood),
         "logistic": {"checkpoint_step": int(steps[cut]), "coefficients": logistic},
         "finer_sampler": finer_summary,
-        "slop": {"checkpoints_before_copying": steps[pre].tolist(), "levels": slop_summary},
+        "slop": {
+            "checkpoints_before_copying": steps[pre].tolist(),
+            "levels": slop_summary,
+            "test": slop_test_summary,
+        },
         "alpha": analysis.alpha,
         "verdict": verdict_sentence(
             primary, analysis.primary_score, analysis.alpha, (first_index < n_ckpt).sum()
         ),
     }
     return summary
+
+
+LIKELIHOOD_STRATA = 10  # quantile strata of the likelihood endpoint's stratified-permutation nulls
+
+
+def correlate_scores(
+    scores: dict[str, np.ndarray],
+    score_names: list[str],
+    first_index: np.ndarray,
+    null_first: dict[str, np.ndarray],
+    analysis: Any,
+    endpoint: str,
+    null_columns: dict[str, list],
+) -> dict[str, Any]:
+    """Spearman rho of every score with the earliness of ``first_index`` (P,), with bootstrap interval,
+    permutation p and the Monte Carlo p against each null's (D, P) first indices; null rhos are appended to
+    ``null_columns``. The secondary scores' p-values get Benjamini-Hochberg adjusted ones."""
+    correlations: dict[str, Any] = {}
+    early = stats.earliness(first_index)
+    for name in score_names:
+        signed = SCORE_SIGNS.get(name, 1.0) * np.asarray(scores[name], dtype=float)
+        result = stats.spearman_with_uncertainty(
+            signed,
+            early,
+            n_bootstrap=analysis.n_bootstrap,
+            n_permutations=analysis.n_permutations,
+            seed=analysis.seed,
+        ).to_dict()
+        for null_name, draws in null_first.items():
+            rhos = stats.null_rhos(signed, draws)
+            result[f"null_mean_{null_name}"] = _nanmean(rhos)
+            result[f"null_sd_{null_name}"] = _nanstd(rhos)
+            result[f"p_{null_name}"] = stats.tail_p(result["rho"], rhos)
+            null_columns["endpoint"] += [endpoint] * len(rhos)
+            null_columns["score"] += [name] * len(rhos)
+            null_columns["null"] += [null_name] * len(rhos)
+            null_columns["draw"] += list(range(len(rhos)))
+            null_columns["rho"] += rhos.tolist()
+        result["direction"] = "higher = more prototypical" if SCORE_SIGNS.get(name, 1.0) > 0 else "negated"
+        correlations[name] = result
+    # The primary score is the one pre-specified test; the others are a family: adjust their p-values.
+    for null_name in null_first:
+        secondary = {n: c[f"p_{null_name}"] for n, c in correlations.items() if n != analysis.primary_score}
+        for name, adjusted in stats.adjusted_p_values(secondary).items():
+            correlations[name][f"p_{null_name}_bh"] = adjusted
+    return correlations
+
+
+def likelihood_endpoint(
+    config: ConditionConfig, out_dir: Path, data: Derivations, steps: np.ndarray
+) -> dict[str, np.ndarray] | None:
+    """Gains, thresholds and first memorized checkpoints from the stored ELBOs; None without them."""
+    from protomem.io import read_strings
+
+    paths = [out_dir / EVALS_DIR / f"likelihood_step_{int(s):08d}.parquet" for s in steps]
+    heldout_path = out_dir / "heldout.parquet"
+    if not config.evaluation.likelihood_draws or not heldout_path.is_file():
+        return None
+    if not all(p.is_file() for p in paths):
+        return None
+    heldout = read_strings(heldout_path)
+    if heldout.classes is None or heldout.logprobs is None:
+        return None
+    P, H = len(data.tokens), len(heldout.tokens)
+    nll_train, nll_heldout = np.empty((P, len(steps))), np.empty((H, len(steps)))
+    for t, path in enumerate(paths):
+        table = pq.read_table(path).to_pandas()
+        train_rows = table[table["set"] == "train"]
+        heldout_rows = table[table["set"] == "heldout"]
+        nll_train[train_rows["index"].to_numpy(), t] = train_rows["nll"].to_numpy()
+        nll_heldout[heldout_rows["index"].to_numpy(), t] = heldout_rows["nll"].to_numpy()
+    r = config.analysis.heldout_matches
+    train_logprob, heldout_logprob = tied_logprob(data.logprob), tied_logprob(heldout.logprobs)
+    matches = match_by_logprob(train_logprob, data.classes, heldout_logprob, heldout.classes, r)
+    heldout_matches = match_by_logprob(
+        heldout_logprob, heldout.classes, heldout_logprob, heldout.classes, r, exclude_self=True
+    )
+    gain = likelihood_gain(nll_train, nll_heldout, matches)
+    heldout_gain = likelihood_gain(nll_heldout, nll_heldout, heldout_matches)
+    thresholds = gain_thresholds(heldout_gain, config.analysis.likelihood_quantile)
+    first_index, first_step = first_exceeding(gain, thresholds, steps)
+    return {
+        "gain": gain,
+        "heldout_gain": heldout_gain,
+        "thresholds": thresholds,
+        "first_index": first_index,
+        "first_step": first_step,
+        "matched_heldout_nll_final": nll_heldout[matches, -1].mean(axis=1),
+    }
+
+
+def likelihood_summary(
+    likelihood: dict[str, np.ndarray] | None,
+    first_index_copies: np.ndarray,
+    n_ckpt: int,
+    analysis: Any,
+    correlations: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The likelihood endpoint's numbers for summary.json (None when the condition has no ELBOs)."""
+    if likelihood is None:
+        return None
+    nan = float("nan")
+    return {
+        "quantile": analysis.likelihood_quantile,
+        "heldout_matches": analysis.heldout_matches,
+        "thresholds": likelihood["thresholds"].tolist(),
+        "frac_memorized_final": float((likelihood["first_index"] < n_ckpt).mean()),
+        # how the two earliness measures agree, string by string
+        "agreement_rho": stats.spearman(
+            stats.earliness(first_index_copies), stats.earliness(likelihood["first_index"])
+        ),
+        "primary": correlations.get(analysis.primary_score, {"rho": nan}),
+        "correlations": correlations,
+    }
+
+
+def _nanstd(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    return float(values.std()) if values.size > 1 else float("nan")
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -17,6 +17,9 @@ console = Console(stderr=True)
 class Preset(StrEnum):
     quick = "quick"
     default = "default"
+    decisive = "decisive"
+    zipf_levels = "zipf-levels"
+    copy_first = "copy-first"
     generalize_first = "generalize-first"
     generalize_first_replication = "generalize-first-replication"
     paper = "paper"
@@ -31,7 +34,8 @@ def study(
     preset: Preset = typer.Option(
         Preset.default,
         "--preset",
-        help="quick (<1 min), default (<=5 min), generalize-first and its -replication (~8 min each), "
+        help="quick (<1 min), default (<=5 min, the paper's regime), decisive (the pre-specified test), "
+        "zipf-levels (claim b), copy-first (the earlier default), generalize-first and its -replication, "
         "paper (hours).",
     ),
     out: Path = typer.Option(None, "--out", help="Run directory (default: runs/study-<UTC timestamp>)."),

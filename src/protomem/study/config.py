@@ -12,7 +12,7 @@ schedule and sample count), so it stays in step with the diffusion package autom
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -55,6 +55,12 @@ class DataSection(_Section):
     n_train: int = Field(128, ge=2, description="P, distinct training strings.")
     seed: int = Field(1, ge=0, le=MAX_SEED)
     class_conditional: bool = Field(False, description="Train a class-conditional model.")
+    design: Literal["random", "matched"] = Field(
+        "random",
+        description="random: a plain distinct draw; matched: the primary score and log p(x) decorrelated "
+        "by log p(x)-matched exchanges from a pool (protomem.study.design).",
+    )
+    pool_factor: int = Field(8, ge=2, description="The matched design's pool: pool_factor x P strings.")
 
 
 class EvaluationSection(_Section):
@@ -65,6 +71,12 @@ class EvaluationSection(_Section):
     n_samples: int = Field(512, ge=1, description="K, samples generated at each evaluation.")
     finer_sampling_steps: int | None = Field(
         None, ge=1, description="Sampler steps of the final-checkpoint check; None = 4x the training sampler."
+    )
+    likelihood_draws: int = Field(
+        4, ge=0, description="Noise draws of each string's ELBO per evaluation (0 = no likelihood endpoint)."
+    )
+    heldout_strings: int | None = Field(
+        None, ge=8, description="Held-out grammar strings for the likelihood endpoint; None = P."
     )
 
 
@@ -82,6 +94,16 @@ class AnalysisSection(_Section):
     )
     alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Significance level of the verdict.")
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    heldout_matches: int = Field(
+        4, ge=1, description="Held-out strings of the same class and nearest log p(x) matched to each string."
+    )
+    likelihood_quantile: float = Field(
+        0.99,
+        gt=0.5,
+        lt=1.0,
+        description="Likelihood endpoint: memorized once the gain exceeds this quantile of the held-out "
+        "strings' own gains at that checkpoint.",
+    )
 
 
 def _diffusion_settings_model() -> type[BaseModel]:

@@ -42,10 +42,18 @@ def phase_figure(metrics: pd.DataFrame) -> plt.Figure:
     ax.plot(
         metrics["step"], metrics["frac_memorized"], "--", color="#8e44ad", label="training strings memorized"
     )
+    if "frac_memorized_likelihood" in metrics:
+        ax.plot(
+            metrics["step"],
+            metrics["frac_memorized_likelihood"],
+            ":",
+            color="#8e44ad",
+            label="memorized (likelihood endpoint)",
+        )
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("training step")
-    ax.set_ylabel("fraction of samples")
+    ax.set_ylabel("fraction of samples / strings")
     ax.legend(fontsize=8)
     ax.set_title("Phases: generalization (novel valid) to memorization (copies)")
     return fig
@@ -114,8 +122,10 @@ def survival_figure(per_example: pd.DataFrame, steps: np.ndarray, score: str) ->
     return fig
 
 
-def null_figure(nulls: pd.DataFrame, score: str, observed: float) -> plt.Figure:
+def null_figure(nulls: pd.DataFrame, score: str, observed: float, endpoint: str = "copies") -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6, 3.2))
+    if "endpoint" in nulls:
+        nulls = nulls[nulls["endpoint"] == endpoint]
     for name, color in (("grammar", "#95a5a6"), ("calibrated", "#e67e22")):
         rho = nulls[(nulls["score"] == score) & (nulls["null"] == name)]["rho"].dropna()
         if len(rho):
@@ -124,7 +134,53 @@ def null_figure(nulls: pd.DataFrame, score: str, observed: float) -> plt.Figure:
     ax.set_xlabel(f"Spearman rho({score}, earliness)")
     ax.set_ylabel("Monte Carlo draws")
     ax.legend(fontsize=8)
-    ax.set_title("Observed correlation against the nulls")
+    ax.set_title(f"Observed correlation against the nulls ({endpoint} endpoint)")
+    return fig
+
+
+def likelihood_figure(metrics: pd.DataFrame) -> plt.Figure:
+    """Median likelihood gain of training and held-out strings, and the memorization threshold, per step."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    steps = metrics["step"]
+    for column, style, color, label in (
+        ("median_gain", "o-", "#c0392b", "training strings (median gain)"),
+        ("median_gain_heldout", "s-", "#7f8c8d", "held-out strings (median gain)"),
+        ("likelihood_threshold", "--", "#2c3e50", "threshold (held-out quantile)"),
+    ):
+        ax.plot(steps, metrics[column], style, color=color, label=label)
+    ax.axhline(0, color="#bbb", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("nats")
+    ax.legend(fontsize=8)
+    ax.set_title("Likelihood gain over matched held-out strings")
+    return fig
+
+
+def power_figure(power: dict[str, Any]) -> plt.Figure:
+    """Power of the pooled test against both nulls vs the number of conditions, one line per endpoint."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for endpoint, color in (("copies", "#c0392b"), ("likelihood", "#2d6ca2")):
+        curve = power.get(endpoint)
+        if not curve:
+            continue
+        required = curve["required"]
+        label = f"{endpoint} endpoint" + (f" (>= {curve['target']:.0%} at {required})" if required else "")
+        ax.plot(curve["conditions"], curve["power"], "-", color=color, label=label)
+        if required:
+            ax.axvline(required, color=color, ls=":", lw=1)
+    any_curve = next((c for c in (power.get("copies"), power.get("likelihood")) if c), None)
+    if any_curve:
+        ax.axhline(any_curve["target"], color="#999", ls="--", lw=1)
+        ax.set_title(
+            f"Power to detect rho = {any_curve['effect']} beyond both nulls at alpha = {any_curve['alpha']}",
+            fontsize=10,
+        )
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("conditions (like those run)")
+    ax.set_ylabel("power")
+    ax.legend(fontsize=8)
     return fig
 
 

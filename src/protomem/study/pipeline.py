@@ -4,9 +4,11 @@
 
     config.yaml          the resolved condition, seeds, package versions, threads used
     grammar.json         the RHM
-    train.parquet        the P training strings (tokens, class, logprob)
+    train.parquet        the P training strings (tokens, class, logprob): a plain or a matched draw
+    heldout.parquet      held-out grammar strings (not in the training set) for the likelihood endpoint
     train/               the diffusion run (checkpoints/, its own config.yaml and loss log metrics.parquet)
-    evals/               one Parquet file per evaluation step (the resumable record of what was sampled)
+    evals/               per evaluation step: the samples (step_*.parquet) and the ELBO of every training and
+                         held-out string (likelihood_step_*.parquet): the resumable record of the evaluations
     samples.parquet      every generated sample with its classification
     metrics.parquet      one row per evaluation step
     per_example.parquet  every training string: prototypicality scores, copies over time, first memorized step
@@ -33,7 +35,14 @@ import pyarrow.parquet as pq
 import yaml
 
 from protomem.errors import ProtomemError
-from protomem.grammar import RHM, load_grammar, sample_distinct_strings, sample_grammar, save_grammar
+from protomem.grammar import (
+    RHM,
+    Derivations,
+    load_grammar,
+    sample_distinct_strings,
+    sample_grammar,
+    save_grammar,
+)
 from protomem.io import (
     atomic_path,
     is_non_empty_dir,
@@ -43,7 +52,9 @@ from protomem.io import (
     write_text_atomic,
 )
 from protomem.memorization.hierarchy import Classification, classify_samples
+from protomem.neighbors import row_keys
 from protomem.study.config import ConditionConfig, condition_from_dict
+from protomem.study.design import TrainingSet, draw_training_set
 from protomem.textio import load_json, load_yaml, require_inside
 
 EVALS_DIR = "evals"
@@ -186,8 +197,14 @@ def run_condition(
 
     grammar = build_grammar(config)
     save_grammar(grammar, out_dir / "grammar.json")
-    data = sample_distinct_strings(grammar, config.data.n_train, seed=config.data.seed)
+    training = build_training_set(config, grammar)
+    data = training.strings
     write_strings(out_dir / "train.parquet", data.tokens, classes=data.classes, logprobs=data.logprob)
+    heldout = draw_heldout(config, grammar, data) if config.evaluation.likelihood_draws else None
+    if heldout is not None:
+        write_strings(
+            out_dir / "heldout.parquet", heldout.tokens, classes=heldout.classes, logprobs=heldout.logprob
+        )
     diffusion_config = config.diffusion_config()
     doc = {
         "condition": config.model_dump(mode="json"),
@@ -206,11 +223,16 @@ def run_condition(
     def on_eval(step: int, _samples: np.ndarray, info: dict[str, Any]) -> None:
         # Sample from the checkpoint just written, through the same load_checkpoint + generate path that
         # `protomem sample` and the finer-sampler check use, so every sample can be regenerated later.
-        samples = _sample_checkpoint(out_dir, step, config.evaluation.n_samples, None, config.diffusion.seed)
+        from protomem.diffusion import load_checkpoint
+
+        loaded = load_checkpoint(out_dir / TRAIN_DIR, step)
+        samples = _sample_loaded(loaded, config.evaluation.n_samples, None, config.diffusion.seed)
         result = classify_samples(grammar, data.tokens, samples)
         columns = _samples_columns(step, "train", samples, result)
         columns["loss"] = np.full(len(samples), info["loss"])
         columns["seconds"] = np.full(len(samples), info["seconds"])
+        if heldout is not None:
+            write_table(_likelihood_path(out_dir, step), _likelihood_columns(config, loaded, data, heldout))
         write_table(_eval_path(out_dir, step), columns)
 
     say(f"training ({diffusion_config.steps} steps, evaluations at {diffusion_config.resolved_eval_steps()})")
@@ -241,6 +263,7 @@ def run_condition(
     summary = analyze_condition(config, out_dir, grammar, data, progress=progress)
     timings["analysis"] = time.perf_counter() - clock
 
+    summary["training_set"] = training.summary()
     summary["min_excess"] = config.analysis.min_excess
     summary["threads"] = int(result.threads)
     summary["train_seconds"] = float(result.seconds)
@@ -267,11 +290,67 @@ def _sample_checkpoint(
     out_dir: Path, step: int | None, count: int, sampling_steps: int | None, seed: int
 ) -> np.ndarray:
     """(count, N) samples of the checkpoint at ``step`` (latest if None), seeded by (seed, step)."""
-    from protomem.diffusion import generate, load_checkpoint
+    from protomem.diffusion import load_checkpoint
 
-    loaded = load_checkpoint(out_dir / TRAIN_DIR, step)
+    return _sample_loaded(load_checkpoint(out_dir / TRAIN_DIR, step), count, sampling_steps, seed)
+
+
+def _sample_loaded(loaded: Any, count: int, sampling_steps: int | None, seed: int) -> np.ndarray:
+    from protomem.diffusion import generate
+
     key = int(np.random.SeedSequence([seed, int(loaded.step), 0x5EED]).generate_state(1)[0])
     return generate(loaded, count, sampling_steps=sampling_steps, seed=key)
+
+
+def build_training_set(config: ConditionConfig, grammar: RHM) -> TrainingSet:
+    """The condition's P training strings (deterministic given the data section)."""
+    return draw_training_set(
+        grammar,
+        config.data.n_train,
+        seed=config.data.seed,
+        design=config.data.design,
+        pool_factor=config.data.pool_factor,
+    )
+
+
+def draw_heldout(config: ConditionConfig, grammar: RHM, train: Derivations) -> Derivations:
+    """Distinct grammar strings outside the training set (``evaluation.heldout_strings``, default P), for the
+    likelihood endpoint: the model's likelihood of strings it never saw, to compare training strings with."""
+    from protomem.grammar.counting import n_valid_strings
+
+    count = config.evaluation.heldout_strings or config.data.n_train
+    available = n_valid_strings(grammar) - len(train)
+    if count > available:
+        raise ProtomemError(
+            f"evaluation.heldout_strings = {count} but the grammar has only {available} strings outside the "
+            "training set"
+        )
+    draw = sample_distinct_strings(grammar, count + len(train), seed=config.data.seed + 0x4E1D)
+    fresh = ~np.isin(row_keys(draw.tokens), row_keys(train.tokens))
+    return draw.take(np.flatnonzero(fresh)[:count])
+
+
+def _likelihood_path(out_dir: Path, step: int) -> Path:
+    return out_dir / EVALS_DIR / f"likelihood_step_{step:08d}.parquet"
+
+
+def _likelihood_columns(
+    config: ConditionConfig, loaded: Any, train: Derivations, heldout: Derivations
+) -> dict[str, Any]:
+    """The negative ELBO (nats) of every training and held-out string at this checkpoint, with the same
+    noise draws at every checkpoint (seeded by the condition, not the step)."""
+    from protomem.diffusion import nll_bound
+
+    tokens = np.concatenate([train.tokens, heldout.tokens])
+    classes = np.concatenate([train.classes, heldout.classes]) if config.data.class_conditional else None
+    nll = nll_bound(
+        loaded, tokens, draws=config.evaluation.likelihood_draws, seed=config.diffusion.seed, classes=classes
+    )
+    return {
+        "set": ["train"] * len(train) + ["heldout"] * len(heldout),
+        "index": np.concatenate([np.arange(len(train)), np.arange(len(heldout))]),
+        "nll": nll,
+    }
 
 
 def _finer_check(

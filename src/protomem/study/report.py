@@ -97,6 +97,14 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
             figures.slop_figure(slop, summary["n_train"], summary["n_samples"], s, depth), "slop per level"
         ),
     }
+    likelihood = summary.get("likelihood")
+    if likelihood:
+        figs["likelihood"] = figure_img(figures.likelihood_figure(metrics), "likelihood gain per step")
+        if primary in likelihood["correlations"]:
+            figs["nulls_likelihood"] = figure_img(
+                figures.null_figure(nulls, primary, likelihood["correlations"][primary]["rho"], "likelihood"),
+                "observed rho vs the nulls (likelihood endpoint)",
+            )
     coefficients = summary["logistic"]["coefficients"]
     if coefficients:
         figs["logistic"] = figure_img(figures.logistic_figure(coefficients), "joint logistic model")
@@ -129,7 +137,31 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
         }
         for lv in range(depth)
     ]
-    correlation_rows = [
+    correlation_rows = _correlation_rows(correlations, primary)
+    likelihood_rows = _correlation_rows(likelihood["correlations"], primary) if likelihood else []
+    metric_rows = metrics.to_dict("records")
+    path = out_dir / "report.html"
+    render_page(
+        "study_condition.html.j2",
+        path,
+        summary=summary,
+        figs=figs,
+        trees=trees,
+        level_rows=level_rows,
+        correlation_rows=correlation_rows,
+        likelihood_rows=likelihood_rows,
+        metric_rows=metric_rows,
+        depth=depth,
+        fmt=format_number,
+        positive=summary["verdict"].startswith("Prototypical"),
+        protomem_version=_version(),
+    )
+    return path
+
+
+def _correlation_rows(correlations: dict[str, Any], primary: str) -> list[dict[str, str]]:
+    """One table row per score: rho, interval, permutation p, each null's mean and p, BH-adjusted p."""
+    return [
         {
             "name": name,
             "rho": format_number(c["rho"], 2),
@@ -144,23 +176,6 @@ def render_condition_report(out_dir: str | Path, summary: dict[str, Any] | None 
         }
         for name, c in correlations.items()
     ]
-    metric_rows = metrics.to_dict("records")
-    path = out_dir / "report.html"
-    render_page(
-        "study_condition.html.j2",
-        path,
-        summary=summary,
-        figs=figs,
-        trees=trees,
-        level_rows=level_rows,
-        correlation_rows=correlation_rows,
-        metric_rows=metric_rows,
-        depth=depth,
-        fmt=format_number,
-        positive=summary["verdict"].startswith("Prototypical"),
-        protomem_version=_version(),
-    )
-    return path
 
 
 def render_study_report(study_dir: str | Path) -> Path:
@@ -202,10 +217,16 @@ def render_study_report(study_dir: str | Path) -> Path:
                 "seconds": summary.get("train_seconds"),
                 "finer": summary.get("finer_sampler") or {},
                 "slop": summary.get("slop", {}).get("levels", {}),
+                "slop_test": summary.get("slop", {}).get("test") or {},
+                "design": summary.get("training_set") or {},
+                "likelihood": summary.get("likelihood") or {},
             }
         )
     pooled = study.get("pooled")
     figs = {"forest": figure_img(figures.forest_figure(rows, pooled), "per-condition correlations")}
+    power = study.get("power") or {}
+    if power.get("copies") or power.get("likelihood"):
+        figs["power"] = figure_img(figures.power_figure(power), "power vs number of conditions")
     survival = []
     for row in rows:
         condition_dir = study_dir / "conditions" / row["name"]

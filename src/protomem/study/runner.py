@@ -26,10 +26,13 @@ from protomem.errors import ProtomemError
 from protomem.io import is_non_empty_dir, start_fresh_run_dir, write_json_atomic
 from protomem.study import stats
 from protomem.study.analysis import beyond_likelihood_name, verdict_lead
+from protomem.study.claims import pooled_claim, skew_claim
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
+from protomem.study.power import power_curve
 from protomem.study.presets import PRESETS, get_preset
 from protomem.study.report import STUDY_FILE, render_study_report
+from protomem.study.skew import tau_mem, tau_ratios
 from protomem.textio import load_json, require_inside
 
 
@@ -50,29 +53,54 @@ def _groups(conditions: list[ConditionConfig]) -> dict[str, list[str]]:
     return groups
 
 
-def pooled_statistics(study_dir: Path, names: list[str], score: str) -> dict[str, float]:
-    """Mean rho over the named conditions and its Monte Carlo p against each pooled null."""
-    rhos, draws = [], {"grammar": [], "calibrated": []}
+def condition_statistic(summary: dict[str, Any], score: str, endpoint: str = "copies") -> float:
+    """A condition's observed statistic: rho of ``score`` for the copy or likelihood endpoint, or the mean
+    slop slope of its window (endpoint "slop"); NaN when the condition does not have it."""
+    nan = float("nan")
+    if endpoint == "slop":
+        test = (summary.get("slop") or {}).get("test") or {}
+        return float(test.get("slope", nan))
+    section = summary if endpoint == "copies" else (summary.get("likelihood") or {})
+    correlations = section.get("correlations")
+    value = ((correlations or {}).get(score) or {}).get("rho", nan)
+    return float(value) if value is not None else nan
+
+
+def pooled_statistics(
+    study_dir: Path, names: list[str], score: str, endpoint: str = "copies"
+) -> dict[str, float]:
+    """Mean statistic over the named conditions (those that have it) and its Monte Carlo p against each
+    pooled null (upper tail; ``p_lower_*`` the lower tail). The pooled null averages draw r of every
+    condition's null (the draws are independent across conditions)."""
+    values, draws = [], {"grammar": [], "calibrated": []}
     for name in names:
         condition_dir = study_dir / "conditions" / name
-        summary = read_summary(condition_dir) or {}
-        rhos.append(summary.get("correlations", {}).get(score, {}).get("rho", np.nan))
+        value = condition_statistic(read_summary(condition_dir) or {}, score, endpoint)
+        if np.isnan(value):
+            continue
+        values.append(value)
         nulls = pd.read_parquet(condition_dir / "nulls.parquet")
+        if "endpoint" in nulls.columns:  # tables written before the likelihood endpoint hold copies only
+            nulls = nulls[nulls["endpoint"] == endpoint]
+        elif endpoint != "copies":
+            nulls = nulls.iloc[:0]
         for null in draws:
             part = nulls[(nulls["score"] == score) & (nulls["null"] == null)].sort_values("draw")
             draws[null].append(part["rho"].to_numpy())
+    nan = float("nan")
     out: dict[str, float] = {
-        "rho": float(np.nanmean(rhos)) if rhos else float("nan"),
-        "n_conditions": len(names),
+        "rho": float(np.mean(values)) if values else nan,
+        "n_conditions": len(values),
     }
     for null, arrays in draws.items():
         length = min((len(a) for a in arrays), default=0)
         if length == 0:
-            out[f"null_mean_{null}"], out[f"p_{null}"] = float("nan"), float("nan")
+            out[f"null_mean_{null}"], out[f"p_{null}"], out[f"p_lower_{null}"] = nan, nan, nan
             continue
         pooled = np.nanmean(np.stack([a[:length] for a in arrays]), axis=0)
         out[f"null_mean_{null}"] = float(np.nanmean(pooled))
         out[f"p_{null}"] = stats.tail_p(out["rho"], pooled)
+        out[f"p_lower_{null}"] = stats.tail_p(-out["rho"], -pooled)
     return out
 
 
@@ -303,12 +331,80 @@ def run_study(
         if with_score
         else None
     )
+    doc.update(claims_and_power(out_dir, conditions, doc["primary_score"], doc["alpha"]))
     doc["seconds"] = time.perf_counter() - clock  # of the invocation that finished the study
     write_json_atomic(out_dir / STUDY_FILE, doc)
     render_study_report(out_dir)
     doc["status"] = "complete"
     write_json_atomic(out_dir / STUDY_FILE, doc)
     return out_dir
+
+
+def claims_and_power(
+    out_dir: Path, conditions: list[ConditionConfig], primary_score: str, alpha: float
+) -> dict[str, Any]:
+    """The claims table (protomem.study.claims), the pooled tests behind it and the power curves.
+
+    Claim (a) is tested on the Zipf conditions: with the primary score when all of them have a matched
+    training set (score and log p(x) decorrelated by design), else with the primary score with log p(x)
+    held out (its rank residual). Claim (c) pools every condition with a partial-memorization window.
+    Claim (b) needs conditions of several skew arms (protomem.study.skew).
+    """
+    zipf = [c for c in conditions if c.grammar.zipf_exponent > 0]
+    matched = bool(zipf) and all(c.data.design == "matched" for c in zipf)
+    score = primary_score if matched else beyond_likelihood_name(primary_score)
+    names = [c.name for c in zipf]
+    design = "a matched training set" if matched else "log p(x) held out of the score (rank residual)"
+    pooled_tests = {
+        "a_copies": pooled_statistics(out_dir, names, score, "copies"),
+        "a_likelihood": pooled_statistics(out_dir, names, score, "likelihood"),
+        "c": pooled_statistics(out_dir, [c.name for c in conditions], "slop_slope", "slop"),
+    }
+    earliness = (
+        f"Spearman rho({score}, earliness of first memorization) pooled over {len(names)} Zipf conditions "
+        f"with {design}, one-sided against the grammar and the calibrated Monte Carlo nulls, alpha {alpha}"
+    )
+    claims = [
+        pooled_claim("a", earliness, "copies", pooled_tests["a_copies"], alpha),
+        pooled_claim("a", earliness, "likelihood", pooled_tests["a_likelihood"], alpha),
+    ]
+    taus = {}
+    for condition in conditions:
+        metrics_path = out_dir / "conditions" / condition.name / "metrics.parquet"
+        if metrics_path.is_file():
+            metrics = pd.read_parquet(metrics_path, columns=["step", "frac_exact_copy"])
+            taus[condition.name] = tau_mem(metrics["step"].to_numpy(), metrics["frac_exact_copy"].to_numpy())
+    ratios = tau_ratios(taus, conditions)
+    if ratios:
+        claims.append(skew_claim(ratios, alpha))
+    claims.append(
+        pooled_claim(
+            "c",
+            "mean slop slope (log over-production on log training frequency, levels below the root, "
+            "checkpoints before exact copies reach 5%) pooled over the conditions, one-sided against a "
+            f"grammar sampler and a calibrated (sharpened-grammar) null, alpha {alpha}",
+            "slop",
+            pooled_tests["c"],
+            alpha,
+        )
+    )
+    if not ratios:
+        claims.insert(2, skew_claim(None, alpha))
+    summaries = [read_summary(out_dir / "conditions" / name) or {} for name in names]
+    correlations = {
+        "copies": [(summary.get("correlations") or {}).get(score, {}) for summary in summaries],
+        "likelihood": [
+            ((s.get("likelihood") or {}).get("correlations") or {}).get(score, {}) for s in summaries
+        ],
+    }
+    power = {endpoint: power_curve(values, alpha=alpha) for endpoint, values in correlations.items()}
+    return {
+        "claims": claims,
+        "claims_score": score,
+        "pooled_tests": pooled_tests,
+        "power": {"score": score, **power},
+        "skew": {"tau_mem": taus, "ratios": ratios} if ratios else None,
+    }
 
 
 def summary_paragraph(study_dir: Path) -> str:
@@ -327,5 +423,9 @@ def summary_paragraph(study_dir: Path) -> str:
             f"{summary.get('frac_memorized_final', float('nan')):.0%} of training strings memorized, "
             f"training mass {summary.get('train_mass', float('nan')):.2g}."
         )
+    for claim in doc.get("claims") or []:
+        statistic = claim.get("statistic")
+        shown = f"{statistic:+.3f}" if isinstance(statistic, float) else "see the report"
+        parts.append(f"Claim ({claim['claim']}, {claim['endpoint']}): {claim['verdict']} ({shown}).")
     parts.append(f"Report: {Path(study_dir) / 'report.html'}")
     return " ".join(parts)

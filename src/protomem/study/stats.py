@@ -278,3 +278,33 @@ def logistic_model(
         name: {"coef": float(c), "ci_low": float(lo), "ci_high": float(hi)}
         for name, c, lo, hi in zip(names, coef, low, high, strict=True)
     }
+
+
+def quantile_strata(values: np.ndarray, n_strata: int) -> np.ndarray:
+    """(P,) int stratum of each value: ``n_strata`` quantile bins (fewer when values tie); NaN -> -1."""
+    values = np.asarray(values, dtype=float)
+    out = np.full(values.shape, -1, dtype=np.int64)
+    keep = ~np.isnan(values)
+    if not keep.any():
+        return out
+    edges = np.unique(np.quantile(values[keep], np.linspace(0, 1, n_strata + 1)[1:-1]))
+    out[keep] = np.searchsorted(edges, values[keep], side="right")
+    return out
+
+
+def stratified_permutations(
+    values: np.ndarray, strata: np.ndarray, n_draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(n_draws, P): ``values`` (P,) shuffled *within* each stratum, independently per draw.
+
+    Used as a null of "memorization order depends on the stratifying variable only" (e.g. log p(x) bins):
+    the draws keep how the values go with the strata and break any link to anything else.
+    """
+    values, strata = np.asarray(values), np.asarray(strata)
+    out = np.tile(values, (n_draws, 1))
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        if members.size > 1:
+            order = np.argsort(rng.random((n_draws, members.size)), axis=1)
+            out[:, members] = values[members][order]
+    return out

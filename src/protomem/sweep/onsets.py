@@ -18,34 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protomem.memorization.tracking import onset_step
+
+__all__ = ["onset_step"]
+
 MEM_COLUMN = "frac_exact_copy"
 GEN_COLUMN = "frac_novel_valid"
 DEFAULT_MEM_THRESHOLD = 0.1
 DEFAULT_GEN_THRESHOLD = 0.1
-
-
-def onset_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> float:
-    """First step at which ``values`` reaches ``threshold``, interpolated in log(step); NaN if never.
-
-    Args:
-        steps: (E,) evaluation steps (any order, >= 1).
-        values: (E,) the fraction at each step (NaN entries are ignored).
-    """
-    steps = np.asarray(steps, dtype=np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    keep = np.isfinite(values) & (steps > 0)
-    steps, values = steps[keep], values[keep]
-    order = np.argsort(steps)
-    steps, values = steps[order], values[order]
-    above = np.flatnonzero(values >= threshold)
-    if above.size == 0:
-        return float("nan")
-    i = int(above[0])
-    if i == 0:
-        return float(steps[0])
-    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
-    frac = (threshold - v0) / (v1 - v0)
-    return float(np.exp(np.log(s0) + frac * (np.log(s1) - np.log(s0))))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ A sweep file (YAML)::
     name: scaling                 # optional; default: the file's stem
     description: tau_mem vs P     # optional, shown in the report
     base:
-      preset: quick               # a study preset (quick | default | generalize-first | paper)
+      preset: quick               # a study preset (protomem.study.presets.PRESETS)
       condition: 0                # which of the preset's conditions: index or name (default 0)
       overrides:                  # dotted config keys applied to every point
         train.steps: 4000
@@ -48,7 +48,7 @@ class BaseCondition(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("quick", description="Study preset: quick, default, generalize-first or paper.")
+    preset: str = Field("quick", description="Study preset (protomem.study.presets.PRESETS).")
     condition: int | str = Field(0, description="Index or name of the condition within the preset.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted keys applied to every point.")
 
