@@ -24,7 +24,7 @@ import numpy as np
 
 from protomem import limits
 from protomem.errors import ProtomemError
-from protomem.outputs import check_dir_target, check_replaceable, dir_mode, file_mode
+from protomem.outputs import apply_umask_modes, check_dir_target, check_replaceable, dir_mode, file_mode
 from protomem.textio import parse_json, regular_file, text_lines
 
 STRING_FORMATS = ("parquet", "jsonl", "txt")
@@ -51,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(file_mode())  # in case the writer replaced the file (e.g. duckdb)
         check_replaceable(target)
         os.replace(tmp, target)
     finally:
@@ -91,6 +92,7 @@ def new_output_dir(
     try:
         staging.chmod(dir_mode())
         yield staging
+        apply_umask_modes(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

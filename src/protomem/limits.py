@@ -70,6 +70,12 @@ MODEL_PARAMETERS = Limit("parameters", "PROTOMEM_MAX_PARAMETERS", 1 << 28)
 TIMESTEPS = Limit("steps", "PROTOMEM_MAX_TIMESTEPS", 1 << 20)
 """Discrete diffusion steps (the uniform process keeps per-step tables)."""
 
+LAYERS = Limit("layers", "PROTOMEM_MAX_LAYERS", 1024)
+"""Transformer blocks, or extra residual blocks per tree level, of a denoiser."""
+
+EVALUATIONS = Limit("evaluations", "PROTOMEM_MAX_EVALUATIONS", 10_000)
+"""Evaluation steps of one training run (each writes a checkpoint)."""
+
 SWEEP_POINTS = Limit("points", "PROTOMEM_MAX_SWEEP_POINTS", 10_000)
 """Points of one sweep (grid products plus listed points), counted before the grid is expanded."""
 
@@ -86,6 +92,8 @@ ALL = (
     GRAMMAR_TUPLES,
     MODEL_PARAMETERS,
     TIMESTEPS,
+    LAYERS,
+    EVALUATIONS,
     SWEEP_POINTS,
     TEXT_BYTES,
     YAML_NODES,

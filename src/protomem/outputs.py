@@ -56,6 +56,20 @@ def dir_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the umask's modes (some writers, e.g. safetensors, create
+    their files 0600 whatever the umask)."""
+    files, dirs = file_mode(), dir_mode()
+    root.chmod(dirs if root.is_dir() else files)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            (Path(dirpath) / name).chmod(dirs)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                path.chmod(files)
+
+
 def kind_of(path: Path) -> str | None:
     """'a directory', 'a FIFO', ... for an existing non-regular path (following links); None for a
     regular file, a missing path or a dangling link."""

@@ -182,9 +182,11 @@ def iter_sequences(path: str | Path) -> Iterator[np.ndarray]:
             raise ProtomemError("empty sequence", path=path, where=f"{unit} {number}")
         try:
             values = [int(t) if not isinstance(t, (bool, float)) else _bad_token(t) for t in row]
-        except (ValueError, TypeError):
-            raise ProtomemError("tokens must be integers", path=path, where=f"{unit} {number}") from None
-        array = np.asarray(values, dtype=np.int64)
+            array = np.asarray(values, dtype=np.int64)
+        except (ValueError, TypeError, OverflowError):
+            raise ProtomemError(
+                "tokens must be integers in [0, 2^63)", path=path, where=f"{unit} {number}"
+            ) from None
         if (array < 0).any():
             raise ProtomemError("negative token", path=path, where=f"{unit} {number}")
         seen += 1
@@ -465,8 +467,9 @@ def open_images(path: str | Path) -> ImageSource:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ProtomemError:
         raise
-    except (OSError, ValueError) as exc:
-        raise ProtomemError(f"unreadable array file ({exc})", path=path) from None
+    except Exception as exc:  # numpy raises many types for a damaged file (EOFError, TokenError, ...)
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise ProtomemError(f"unreadable array file ({detail})", path=path) from None
     array = _with_channels(array, path) if array.ndim in (3, 4) else _with_channels(array, path)
     if array.shape[0] == 0:
         raise ProtomemError("no images in array", path=path)

@@ -242,7 +242,9 @@ def load_training_state(
 ) -> None:
     """Restore model, EMA and optimizer from a checkpoint read by ``read_state(..., with_optimizer=True)``."""
     load_model_tensors(directory, model, ema_model)
-    load_optimizer(optimizer, directory / OPTIMIZER_FILE, doc["optimizer_param_groups"])
+    load_optimizer(
+        optimizer, directory / OPTIMIZER_FILE, doc["optimizer_param_groups"], directory / "state.json"
+    )
 
 
 @dataclass

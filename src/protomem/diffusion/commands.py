@@ -108,10 +108,14 @@ def train(
     if int(tokens.max()) >= cfg.vocab_size:
         raise ProtomemError(f"holds token {int(tokens.max())}, beyond vocab_size {cfg.vocab_size}", path=data)
     n_params = check_model_size(cfg, build_process(cfg).n_input_tokens)
-    console.print(
-        f"training {cfg.model} (width {cfg.width}, {n_params:,} parameters), {cfg.process} process, "
-        f"{len(tokens)} strings of {cfg.seq_len} tokens, {cfg.steps} steps -> {out}"
-    )
+
+    def announce(start_step: int) -> None:
+        resumed = f", resuming at step {start_step}" if start_step else ""
+        console.print(
+            f"training {cfg.model} (width {cfg.width}, {n_params:,} parameters), {cfg.process} process, "
+            f"{len(tokens)} strings of {cfg.seq_len} tokens, {cfg.steps} steps{resumed} -> {out}"
+        )
+
     result = train_run(
         cfg,
         np.asarray(tokens),
@@ -120,6 +124,7 @@ def train(
         overwrite=overwrite,
         progress=not quiet,
         classes=classes,
+        on_start=announce,
     )
     console.print(
         f"done: step {result.step}, loss {result.final_loss:.4f}, {result.seconds:.1f} s, "

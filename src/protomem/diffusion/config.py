@@ -164,6 +164,11 @@ def _check_sizes(config: DiffusionConfig) -> None:
     limits.VOCAB.check(config.n_classes, "n_classes")
     limits.STRING_TOKENS.check(config.seq_len, "seq_len")
     limits.TIMESTEPS.check(config.timesteps, "timesteps")
+    limits.TIMESTEPS.check(config.sampling_steps or 0, "sampling_steps")
+    limits.LAYERS.check(config.n_layers, "n_layers")
+    limits.LAYERS.check(config.blocks_per_level, "blocks_per_level")
+    limits.EVALUATIONS.check(config.n_evals, "n_evals")
+    limits.EVALUATIONS.check(len(config.eval_steps or ()), "eval_steps")
     for name in ("batch_size", "eval_samples"):
         limits.TOTAL_TOKENS.check(getattr(config, name) * config.seq_len, f"{name} x seq_len")
 

@@ -136,9 +136,12 @@ def _check_hyperparameter(value: object, live: object, where: str, path: Path) -
     return value
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, saved_groups: object) -> None:
-    """Restore an AdamW-family optimizer from ``path`` (tensors) and ``saved_groups`` (hyperparameters),
-    after checking every tensor's name, shape, dtype and values and every hyperparameter."""
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, path: Path, saved_groups: object, groups_path: Path
+) -> None:
+    """Restore an AdamW-family optimizer from ``path`` (tensors) and ``saved_groups`` (hyperparameters,
+    read from ``groups_path``), after checking every tensor's name, shape, dtype and values and every
+    hyperparameter."""
     tensors = load_tensors(path)
     expected = _expected_optimizer_state(optimizer)
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -157,5 +160,5 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: Path, saved_groups: o
         step = float(entries["step"])
         if step < 0 or step != int(step):
             raise ProtomemError(f"optimizer state {index}.step is {step}, not a step count", path=path)
-    groups = _check_groups(saved_groups, optimizer.state_dict()["param_groups"], path)
+    groups = _check_groups(saved_groups, optimizer.state_dict()["param_groups"], groups_path)
     optimizer.load_state_dict({"state": state, "param_groups": groups})

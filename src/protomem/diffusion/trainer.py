@@ -252,6 +252,7 @@ def train(
     progress: bool = True,
     classes: np.ndarray | None = None,
     overwrite: bool = False,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a denoiser on ``data`` (P, seq_len) int64, writing checkpoints and metrics to ``run_dir``.
 
@@ -267,6 +268,8 @@ def train(
         classes: (P,) root classes, required when config.n_classes > 0.
         resume: continue from the latest checkpoint in run_dir (start fresh if there is none).
         overwrite: replace an existing run directory instead of refusing it.
+        on_start: called with the first step to train once everything (data, run directory, the
+            checkpoint to resume) has been checked and training begins; nothing is written before.
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
@@ -279,6 +282,11 @@ def train(
         state = read_state(checkpoint_dir(run_dir, resume_from), with_optimizer=True)
         _check_resume_config(state["config"], config, checkpoint_dir(run_dir, resume_from) / "state.json")
         start_step = resume_from
+    trainer = Trainer(config, tokens, class_tensor)
+    if state is not None:  # every tensor is checked before anything is written
+        directory = checkpoint_dir(run_dir, start_step)
+        load_training_state(directory, state, trainer.model, trainer.ema_model, trainer.optimizer)
+        _read_metrics(run_dir, start_step)
     elif run_dir.exists() and any(run_dir.iterdir()):
         if resume and not (run_dir / "config.yaml").is_file():
             raise ProtomemError(
@@ -299,17 +307,15 @@ def train(
         threads = probe_threads(config, tokens, class_tensor)
     torch.set_num_threads(int(threads))
     try:
-        return _train_loop(
-            config, tokens, class_tensor, run_dir, state, start_step, int(threads), eval_callback, progress
-        )
+        if on_start is not None:
+            on_start(start_step)
+        return _train_loop(trainer, run_dir, state, start_step, int(threads), eval_callback, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train_loop(
-    config: DiffusionConfig,
-    tokens: torch.Tensor,
-    class_tensor: torch.Tensor | None,
+    trainer: Trainer,
     run_dir: Path,
     state: dict[str, Any] | None,
     start_step: int,
@@ -317,7 +323,8 @@ def _train_loop(
     eval_callback: EvalCallback | None,
     progress: bool,
 ) -> TrainResult:
-    trainer = Trainer(config, tokens, class_tensor)
+    """Train from ``start_step`` (the trainer already holds the resumed weights and optimizer state)."""
+    config, class_tensor = trainer.config, trainer.classes
     n_parameters = count_parameters(trainer.model)
     metrics_path = run_dir / "metrics.parquet"
     rows: list[dict[str, Any]] = []
@@ -325,8 +332,6 @@ def _train_loop(
     eval_losses: list[float] = []
     log_losses: list[float] = []
     if state is not None:
-        directory = checkpoint_dir(run_dir, start_step)
-        load_training_state(directory, state, trainer.model, trainer.ema_model, trainer.optimizer)
         seconds_before = float(state["seconds"])
         eval_losses = list(state["eval_losses"])
         log_losses = list(state["log_losses"])

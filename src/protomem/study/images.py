@@ -35,6 +35,7 @@ import numpy as np
 
 from protomem.errors import ProtomemError
 from protomem.io import atomic_path, write_json_atomic, write_text_atomic
+from protomem.outputs import apply_umask_modes
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def _save_checkpoint(run: Path, model, optimizer, generator, step: int, losses: 
         "files": {name: sha256_of(staging / name) for name in _CHECKPOINT_FILES},
     }
     write_json_atomic(staging / "state.json", doc)
+    apply_umask_modes(staging)
     old = run / ".checkpoint.old"
     if final.exists():
         os.replace(final, old)
@@ -225,7 +227,12 @@ def _load_checkpoint(run: Path, model, optimizer, generator) -> tuple[int, list[
     directory = run / "checkpoint"
     weights = directory / "model.safetensors"
     load_weights(model, {f"model.{k}": v for k, v in load_tensors(weights).items()}, "model", weights)
-    load_optimizer(optimizer, directory / "optimizer.safetensors", doc["optimizer_param_groups"])
+    load_optimizer(
+        optimizer,
+        directory / "optimizer.safetensors",
+        doc["optimizer_param_groups"],
+        directory / "state.json",
+    )
     expected = generator.get_state()
     try:
         raw = base64.b64decode(doc["generator_state"], validate=True)

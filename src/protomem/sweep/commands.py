@@ -83,13 +83,23 @@ def run_command(
     out_dir = Path(os.path.abspath(out if out is not None else Path("runs") / "sweeps" / str(spec.name)))
     check_output_dir(out_dir)
     check_thresholds(mem_threshold, gen_threshold)
+    from protomem.sweep.conditions import point_configs
+    from protomem.sweep.spec import expand_points
+
+    try:  # every point is validated before anything runs; errors name the sweep file
+        configs = point_configs(spec, expand_points(spec), path=sweep_file)
+    except ProtomemError as exc:
+        if exc.path is not None:
+            raise
+        raise ProtomemError(exc.message, path=sweep_file, where=exc.where) from None
     if dry_run:
-        _print_plan(spec, out_dir)
+        _print_plan(spec, out_dir, configs)
         return
     require_ray()  # fail before any work when the extra is missing
     result = run_sweep(
         spec,
         out_dir,
+        configs=configs,
         address=address,
         num_cpus=cpus,
         retries=retries,
@@ -127,18 +137,17 @@ def check_thresholds(mem_threshold: float | None, gen_threshold: float | None) -
             raise ProtomemError(f"{name} must lie in (0, 1], got {value}")
 
 
-def _print_plan(spec, out_dir: Path) -> None:
+def _print_plan(spec, out_dir: Path, configs: dict) -> None:
     """The points of ``spec``, their run directories and whether they are finished, started or new."""
     from rich.console import Console as StdoutConsole
     from rich.table import Table
 
-    from protomem.sweep.conditions import config_to_dict, point_configs
+    from protomem.sweep.conditions import config_to_dict
     from protomem.sweep.layout import SweepLayout, has_started, is_complete
     from protomem.sweep.runner import check_existing_configs
     from protomem.sweep.spec import expand_points
 
     points = expand_points(spec)
-    configs = point_configs(spec, points)  # validates every point
     layout = SweepLayout(out_dir)
     check_existing_configs(layout, points, {name: config_to_dict(c) for name, c in configs.items()})
     table = Table(title=f"sweep {spec.name}: {len(points)} points in {out_dir}")
