@@ -54,6 +54,7 @@ LIMITS = {
     "PROTOMEM_MAX_STRING_TOKENS": "1024",
 }
 TINY_TRAIN = ["--steps", "2", "--width", "8", "--batch-size", "4", "--threads", "1", "--quiet"]
+RUN_TRAIN = ["--steps", "6", *TINY_TRAIN[2:]]  # the finished run the checkpoint cases tamper with
 TALLIES: dict[str, Tally] = {}
 
 
@@ -89,21 +90,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     write_strings(root / "strings.parquet", table.tokens, table.classes, table.logprobs)
     write_strings(root / "strings.txt", table.tokens)
     data = ["--data", root / "g" / "strings.jsonl", "--grammar", root / "g" / "grammar.json"]
-    result = invoke(
-        "train",
-        *data,
-        "--out",
-        root / "run",
-        "--steps",
-        "6",
-        "--width",
-        "8",
-        "--batch-size",
-        "4",
-        "--threads",
-        "1",
-        "--quiet",
-    )
+    result = invoke("train", *data, "--out", root / "run", *RUN_TRAIN)
     assert result.code == 0, result.stderr
     config = {
         "process": "uniform",
@@ -403,15 +390,7 @@ def check_checkpoint(assets: Path, data, name: str) -> None:
                 "--out",
                 run,
                 "--resume",
-                "--steps",
-                "6",
-                "--width",
-                "8",
-                "--batch-size",
-                "4",
-                "--threads",
-                "1",
-                "--quiet",
+                *RUN_TRAIN,
             ]
             may_change = (run,)  # a resume that is accepted writes into the run it continues
         inputs = [run, *(root.glob("elsewhere"))]

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from protomem.sweep.layout import SweepLayout, read_attempts
 from protomem.sweep.runner import NodeCannotSeeSweep, check_sees_sweep, run_point, run_sweep
 from protomem.sweep.spec import expand_points, spec_from_dict
 from tests.cli_runner import invoke
+from tests.test_fuzz import TINY_CONDITION
 from tests.test_sweep_support import FakeCondition, fake_run_condition
 
 ray = pytest.importorskip("ray")
@@ -200,27 +202,19 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_a_wrong_address_fails_fast_naming_it(tmp_path):
+def sweep_at(address: str, tmp_path: Path, timeout: float) -> subprocess.CompletedProcess:
+    """``protomem sweep`` of a one-point sweep joining ``address`` (in a child process)."""
     sweep = tmp_path / "s.yaml"
     sweep.write_text(json.dumps({"grid": {"data.n_train": [16]}}))
-    address = f"127.0.0.1:{_closed_port()}"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "protomem.cli",
-            "sweep",
-            str(sweep),
-            "--address",
-            address,
-            "--out",
-            str(tmp_path / "out"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,  # before: Ray retried for about 14 minutes
+    command = ["sweep", str(sweep), "--address", address, "--out", str(tmp_path / "out"), "--no-progress"]
+    return subprocess.run(
+        [sys.executable, "-m", "protomem.cli", *command], capture_output=True, text=True, timeout=timeout
     )
+
+
+def test_a_wrong_address_fails_fast_naming_it(tmp_path):
+    address = f"127.0.0.1:{_closed_port()}"
+    done = sweep_at(address, tmp_path, timeout=120)  # before: Ray retried for about 14 minutes
     assert done.returncode == 2 and address in done.stderr.splitlines()[-1], done.stderr
 
 
@@ -230,26 +224,8 @@ def test_an_address_that_is_not_ray_fails_within_the_join_timeout(tmp_path):
     server.bind(("127.0.0.1", 0))
     server.listen()  # accepts connections and never answers, like a wrong port of another service
     address = f"127.0.0.1:{server.getsockname()[1]}"
-    sweep = tmp_path / "s.yaml"
-    sweep.write_text(json.dumps({"grid": {"data.n_train": [16]}}))
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "protomem.cli",
-                "sweep",
-                str(sweep),
-                "--address",
-                address,
-                "--out",
-                str(tmp_path / "out"),
-                "--no-progress",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = sweep_at(address, tmp_path, timeout=300)
     finally:
         server.close()
     last = done.stderr.splitlines()[-1]
@@ -277,6 +253,8 @@ class Cluster:
     def __init__(self, root: Path, hidden: Path | None) -> None:
         self.root, self.hidden, self.processes = root, hidden, []
         root.mkdir(parents=True)
+        # Ray's socket paths must stay under 107 bytes: its session folder goes under a short name
+        self.ray_dir = Path(tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp"))
         self.env = {
             **os.environ,
             "RAY_AUTH_MODE": "token",
@@ -287,7 +265,7 @@ class Cluster:
         self.address = f"{socket.gethostbyname(socket.gethostname())}:{self.ports[0]}"
 
     def start(self) -> None:
-        ports, hidden, root = self.ports, self.hidden, self.root
+        ports, hidden = self.ports, self.hidden
         ray_cli = str(Path(sys.executable).with_name("ray"))
         head = [
             "--head",
@@ -295,7 +273,7 @@ class Cluster:
             f"--ray-client-server-port={ports[1]}",
             "--include-dashboard=false",
             "--disable-usage-stats",
-            f"--temp-dir={root / 'ray'}",
+            f"--temp-dir={self.ray_dir}",
             *self._node_ports(ports[2:8]),
         ]
         self._start([ray_cli, "start", *head], "head")
@@ -337,16 +315,28 @@ class Cluster:
             )
         )
 
-    def _wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+    def _wait_for_nodes(self, count: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        host, port = self.address.rsplit(":", 1)
+        while True:  # the head's GCS port first: Ray's own connect retries for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.processes[0].poll() is not None:
+                    raise RuntimeError(f"the head did not start; see {self.root}/head.log") from None
+                time.sleep(1)
         probe = (
             f"import ray; ray.init(address={self.address!r}, log_to_driver=False); "
             "print(sum(n['Alive'] for n in ray.nodes()))"
         )
-        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            done = subprocess.run(
-                [sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120
-            )
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", probe], env=self.env, capture_output=True, text=True, timeout=120
+                )
+            except subprocess.TimeoutExpired:
+                continue
             if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
             time.sleep(2)
@@ -362,28 +352,17 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        shutil.rmtree(self.ray_dir, ignore_errors=True)
 
 
 TINY_SWEEP = {
     "name": "cluster",
-    "base": {
-        "preset": "quick",
-        "condition": 0,
-        "overrides": {
-            "diffusion.steps": 60,
-            "diffusion.sampling_steps": 8,
-            "evaluation.eval_steps": [20, 60],
-            "evaluation.n_samples": 32,
-            "evaluation.finer_sampling_steps": 8,
-            "analysis.n_null_draws": 10,
-            "analysis.n_bootstrap": 10,
-            "analysis.n_permutations": 10,
-            "analysis.calibration_samples": 100,
-        },
-    },
+    "base": {"preset": "quick", "condition": 0, "overrides": {**TINY_CONDITION, "diffusion.steps": 60}},
     "grid": {"data.n_train": [16, 24], "diffusion.seed": [0, 1]},
     "retries": 0,
 }
+TINY_SWEEP["base"]["overrides"].pop("data.n_train")
+TINY_SWEEP["base"]["overrides"]["evaluation.eval_steps"] = [20, 60]
 
 
 def _statuses(sweep_dir: Path) -> dict[str, tuple]:
@@ -456,5 +435,5 @@ def test_a_two_node_cluster_finishes_every_point_and_a_blind_node_fails_loudly(t
         assert done.returncode == 2 and "RAY_AUTH_MODE=token" in done.stderr.splitlines()[-1], done.stderr
     finally:
         cluster.stop()
-    leftovers = subprocess.run(["pgrep", "-f", str(cluster.root)], capture_output=True, text=True).stdout
+    leftovers = subprocess.run(["pgrep", "-f", str(cluster.ray_dir)], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", leftovers
