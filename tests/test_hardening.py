@@ -267,6 +267,82 @@ def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(runs, t
     assert not (tmp_path / "run").exists()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares width x height grey pixels (its data is far too short)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def audit_images_folder(folder: Path, count: int = 4, size: int = 8) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_an_image_declaring_huge_dimensions_is_refused_before_decoding(tmp_path, monkeypatch):
+    train = audit_images_folder(tmp_path / "train")
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    (bombs / "huge.png").write_bytes(png_header(100000, 100000))  # 10^10 pixels in 80 bytes
+    for first, second in ((train, bombs), (bombs, train)):
+        result = invoke(
+            "audit", "--train", first, "--generated", second, "--out", tmp_path / "out", "--quiet"
+        )
+        assert result.is_one_line_error(bombs / "huge.png"), result.stderr  # was DecompressionBombError
+    monkeypatch.setenv("PROTOMEM_MAX_IMAGE_PIXELS", "32")
+    result = invoke("audit", "--train", train, "--generated", train, "--out", tmp_path / "out", "--quiet")
+    assert result.is_one_line_error(train / "0.png", "PROTOMEM_MAX_IMAGE_PIXELS"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_audit_text_and_sequences_longer_than_the_limit_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTOMEM_MAX_STRING_TOKENS", "256")
+    long_text = tmp_path / "long.txt"  # was: two 200k-token lines asking for 37 GiB
+    long_text.write_text("a short line\n" + " ".join(f"w{i}" for i in range(300)) + "\n")
+    long_tokens = tmp_path / "long.jsonl"
+    long_tokens.write_text(json.dumps({"tokens": [1, 2]}) + "\n" + json.dumps({"tokens": [1] * 300}) + "\n")
+    for path in (long_text, long_tokens):
+        result = invoke("audit", "--train", path, "--generated", path, "--out", tmp_path / "out", "--quiet")
+        assert result.is_one_line_error(path, "line 2", "PROTOMEM_MAX_STRING_TOKENS"), result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_longest_common_run_needs_memory_for_one_row_not_the_table():
+    import tracemalloc
+
+    import numpy as np
+
+    from protomem.memorization.text import longest_common_run
+
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 3, 3000), rng.integers(0, 3, 4000)
+    b[1000:1100] = a[2000:2100] = 7  # one run of 100 tokens shared, nowhere else a 7
+    tracemalloc.start()
+    try:
+        length, start_a, start_b = longest_common_run(a, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert length >= 100 and np.array_equal(a[start_a : start_a + length], b[start_b : start_b + length])
+    assert peak < 1 << 20  # the (3000, 4000) table and its skewed copy took 36 MB
+
+
 # --- 5. decoding ------------------------------------------------------------------------------------
 
 
@@ -623,3 +699,31 @@ def test_report_on_damaged_condition_tables_is_one_line(runs, tmp_path):
     result = invoke("report", run)  # readable tables that lack the columns the report needs
     assert result.is_one_line_error(run, "damaged or incomplete"), result.stderr
     assert snapshot(run) == before
+
+
+# --- 9. audit -----------------------------------------------------------------------------------------
+
+
+def test_a_zero_byte_npy_is_a_one_line_error(tmp_path):
+    import numpy as np
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint8))
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    for train, generated in ((good, empty), (empty, good)):
+        before = snapshot(tmp_path)
+        result = invoke(
+            "audit", "--train", train, "--generated", generated, "--out", tmp_path / "out", "--quiet"
+        )
+        assert result.is_one_line_error(empty), result.stderr  # was exit 1, "Aborted."
+        assert snapshot(tmp_path) == before
+
+
+def test_a_shift_larger_than_the_images_is_refused_before_the_audit(tmp_path):
+    train = audit_images_folder(tmp_path / "train", count=6)
+    args = ["audit", "--train", train, "--generated", train, "--out", tmp_path / "out", "--quiet"]
+    result = invoke(*args, "--max-shift", "16")  # 8x8 images: was a broadcasting ValueError traceback
+    assert result.is_one_line_error("--max-shift 16", "8 pixels"), result.stderr
+    assert not (tmp_path / "out").exists()
+    assert invoke(*args, "--max-shift", "4").code == 0

@@ -53,7 +53,8 @@ class Limit:
 
 
 STRING_TOKENS = Limit("tokens", "PROTOMEM_MAX_STRING_TOKENS", 1 << 16)
-"""Tokens in one string (a grammar's s^L, a line of a strings file, a model's sequence length)."""
+"""Tokens in one string (a grammar's s^L, a line of a strings file, a model's sequence length, a sequence
+or text document an audit reads)."""
 
 TOTAL_TOKENS = Limit("tokens", "PROTOMEM_MAX_TOTAL_TOKENS", 1 << 27)
 """Tokens in one strings file, one draw of strings, or one training batch."""
@@ -79,6 +80,9 @@ EVALUATIONS = Limit("evaluations", "PROTOMEM_MAX_EVALUATIONS", 10_000)
 SWEEP_POINTS = Limit("points", "PROTOMEM_MAX_SWEEP_POINTS", 10_000)
 """Points of one sweep (grid products plus listed points), counted before the grid is expanded."""
 
+IMAGE_PIXELS = Limit("pixels", "PROTOMEM_MAX_IMAGE_PIXELS", 1 << 26)
+"""Pixels (height x width) of one image an audit reads; checked on the header, before decoding."""
+
 TEXT_BYTES = Limit("bytes", "PROTOMEM_MAX_TEXT_BYTES", 64 << 20)
 """Size of a JSON or YAML document read whole (configs, grammars, sweep files, run records)."""
 
@@ -95,6 +99,7 @@ ALL = (
     LAYERS,
     EVALUATIONS,
     SWEEP_POINTS,
+    IMAGE_PIXELS,
     TEXT_BYTES,
     YAML_NODES,
 )

@@ -269,6 +269,12 @@ def audit_images(
     n_train = train.shape[0]
     if n_train < 2:
         raise ProtomemError("the training set needs at least 2 images (d1/d2 uses the second nearest)")
+    side = min(train.shape[1], train.shape[2])
+    if 2 * config.max_shift > side:
+        raise ProtomemError(
+            f"--max-shift {config.max_shift} is more than half the images' smaller side ({side} pixels): "
+            f"use at most {side // 2}"
+        )
     values = int(np.prod(train.shape[1:]))
     flat_train = train.reshape(n_train, -1)
     train_keys = image_bytes_keys(train)

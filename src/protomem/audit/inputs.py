@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from protomem import limits
 from protomem.errors import ProtomemError
 from protomem.io import jsonl_objects, jsonl_records
 
@@ -180,6 +181,7 @@ def iter_sequences(path: str | Path) -> Iterator[np.ndarray]:
     for number, row in rows:
         if row is None or len(row) == 0:
             raise ProtomemError("empty sequence", path=path, where=f"{unit} {number}")
+        limits.STRING_TOKENS.check(len(row), "sequence", path=path, where=f"{unit} {number}")
         try:
             values = [int(t) if not isinstance(t, (bool, float)) else _bad_token(t) for t in row]
             array = np.asarray(values, dtype=np.int64)
@@ -231,32 +233,39 @@ def _text_files(path: Path) -> list[Path]:
 
 def iter_documents(path: str | Path) -> Iterator[str]:
     """Plain-text documents one by one: one per line of a .txt file, one per .txt file in a folder, or a
-    ``text`` column of Parquet / jsonl. Raises ProtomemError("no documents") at the end if there were none.
+    ``text`` column of Parquet / jsonl. Raises ProtomemError("no documents") at the end if there were none,
+    and names the document whose whitespace tokens exceed :data:`protomem.limits.STRING_TOKENS`.
     """
     path = Path(path)
     seen = 0
+    for file, where, document in _located_documents(path):
+        limits.STRING_TOKENS.check(len(document.split()), "document", path=file, where=where)
+        seen += 1
+        yield document
+    if seen == 0:
+        raise ProtomemError("no documents", path=path)
+
+
+def _located_documents(path: Path) -> Iterator[tuple[Path, str | None, str]]:
+    """(file, line or row or None, document) for every document of :func:`iter_documents`."""
     if path.is_dir():
         for file in _text_files(path):
             try:
                 document = file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ProtomemError(f"unreadable text file ({exc})", path=file) from None
-            seen += 1
-            yield document
+            yield file, None, document
     elif _is_parquet(path):
-        for _, document in _parquet_column(path, "text"):
-            seen += 1
-            yield document or ""
+        for number, document in _parquet_column(path, "text"):
+            if document is not None and not isinstance(document, str):
+                raise ProtomemError("the 'text' column must hold strings", path=path, where=f"row {number}")
+            yield path, f"row {number}", document or ""
     elif _is_jsonl(path):
-        for _, record in jsonl_records(path, "text", str):
-            seen += 1
-            yield record["text"]
+        for number, record in jsonl_records(path, "text", str):
+            yield path, f"line {number}", record["text"]
     else:
-        for _, line in _text_lines(path):
-            seen += 1
-            yield line
-    if seen == 0:
-        raise ProtomemError("no documents", path=path)
+        for number, line in _text_lines(path):
+            yield path, f"line {number}", line
 
 
 def read_documents(path: str | Path) -> list[str]:
@@ -422,10 +431,13 @@ def _read_image_file(file: Path) -> np.ndarray:
 
     try:
         with Image.open(file) as img:
+            _check_pixels(img.width, img.height, file)  # on the header, before decoding
             img.load()
             mode = "L" if img.mode in ("1", "L", "I", "I;16", "F", "LA") else "RGB"
             converted = img.convert(mode)
             array = np.asarray(converted, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise _bomb(exc, file) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ProtomemError(f"unreadable image ({exc.__class__.__name__})", path=file) from None
     return _to_unit_float(_with_channels(array[None], file)[0], file)
@@ -437,9 +449,23 @@ def _peek_shape(file: Path) -> tuple[int, int, int]:
     try:
         with Image.open(file) as img:
             grey = img.mode in ("1", "L", "I", "I;16", "F", "LA")
-            return (img.height, img.width, 1 if grey else 3)
+            shape = (img.height, img.width, 1 if grey else 3)
+    except Image.DecompressionBombError as exc:
+        raise _bomb(exc, file) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ProtomemError(f"unreadable image ({exc.__class__.__name__})", path=file) from None
+    _check_pixels(shape[1], shape[0], file)
+    return shape
+
+
+def _bomb(exc: Exception, file: Path) -> ProtomemError:
+    """Pillow refuses headers declaring ~179M pixels or more before protomem sees the size."""
+    return ProtomemError(f"image too large for Pillow ({' '.join(str(exc).split())})", path=file)
+
+
+def _check_pixels(width: int, height: int, path: Path) -> None:
+    """Refuse images larger than :data:`protomem.limits.IMAGE_PIXELS` (before any is decoded)."""
+    limits.IMAGE_PIXELS.check(width * height, f"{width}x{height} pixels per image", path=path)
 
 
 def open_images(path: str | Path) -> ImageSource:
@@ -473,6 +499,7 @@ def open_images(path: str | Path) -> ImageSource:
     array = _with_channels(array, path) if array.ndim in (3, 4) else _with_channels(array, path)
     if array.shape[0] == 0:
         raise ProtomemError("no images in array", path=path)
+    _check_pixels(int(array.shape[2]), int(array.shape[1]), path)
     channels = array.shape[-1]
     return ImageSource(
         path=path,

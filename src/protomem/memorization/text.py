@@ -119,6 +119,8 @@ def build_kgram_index(documents: Sequence[np.ndarray], k: int) -> KGramIndex:
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int]:
     """Longest run of identical consecutive tokens shared by a and b (longest common substring).
 
+    O(len(a) * len(b)) time, O(len(b)) memory (one row of the run-length table at a time).
+
     Returns:
         (length, start in a, start in b); (0, 0, 0) if they share no token.
     """
@@ -126,21 +128,20 @@ def longest_common_run(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int]:
     b = np.asarray(b)
     if a.size == 0 or b.size == 0:
         return 0, 0, 0
-    equal = a[:, None] == b[None, :]  # (n, m)
-    n, m = equal.shape
-    # Skew the matrix so each diagonal (fixed j - i) becomes one column: column c = j - i + n - 1.
-    skewed = np.zeros((n, n + m - 1), dtype=bool)
-    rows = np.arange(n)[:, None]
-    skewed[rows, np.arange(m)[None, :] - rows + n - 1] = equal
-    run = np.zeros(n + m - 1, dtype=np.int64)
+    # run[j]: length of the common run ending at a[i], b[j]; one row at a time, so memory is O(m)
+    m = b.size
+    run = np.zeros(m, dtype=np.int64)
     best = (0, 0, 0)
-    for i in range(n):
-        run = np.where(skewed[i], run + 1, 0)
-        c = int(run.argmax())
-        if run[c] > best[0]:
-            length = int(run[c])
-            end_b = c - (n - 1) + i
-            best = (length, i - length + 1, end_b - length + 1)
+    for i in range(a.size):
+        equal = b == a[i]
+        shifted = np.empty(m, dtype=np.int64)
+        shifted[0] = 0
+        shifted[1:] = run[:-1]
+        run = np.where(equal, shifted + 1, 0)
+        j = int(run.argmax())
+        if run[j] > best[0]:
+            length = int(run[j])
+            best = (length, i - length + 1, j - length + 1)
     return best
 
 
