@@ -24,7 +24,7 @@ from protomem.audit.inputs import (
 )
 from protomem.audit.run import run_audit
 from protomem.errors import ProtomemError
-from tests.browser import render_report, require_chromium
+from tests.browser import chromium_path, render_report, require_chromium
 
 PROTOMEM = [sys.executable, "-c", "from protomem.cli import main; main()"]
 
@@ -176,6 +176,8 @@ def test_text_audit_report_highlights_the_span(tmp_path: Path) -> None:
     assert result.matches["longest_span"].tolist() == [0] * 5 + [60, 0]
     html = (out / "report.html").read_text()
     assert "<b>output 5:</b> " + "fresh " * 10 + "<mark>" + " ".join(docs[9].split()[:60]) + "</mark>" in html
+    if chromium_path() is not None:  # fits a laptop and a phone screen (render_report checks)
+        render_report(out / "report.html", tmp_path / "text.png")
 
 
 def test_sequence_audit_report_draws_streamed_outputs_of_any_length(tmp_path: Path) -> None:
@@ -200,6 +202,8 @@ def test_sequence_audit_report_draws_streamed_outputs_of_any_length(tmp_path: Pa
     html = (out / "report.html").read_text()
     assert "<b>output 4:</b> 99 98 <mark>" + " ".join(map(str, train[6])) + "</mark>" in html
     assert "<b>output 7:</b> <mark>" + " ".join(map(str, train[2])) + "</mark>" in html
+    if chromium_path() is not None:
+        render_report(out / "report.html", tmp_path / "sequences.png")
 
 
 def write_with_bad_line(path: Path, good: str | bytes, bad: str | bytes, bad_line: int, count: int) -> None:

@@ -14,6 +14,7 @@ from protomem.diffusion.images import ImageUNet, NoiseSchedule, diffusion_loss, 
 from protomem.errors import ProtomemError
 from protomem.study import images as image_study
 from protomem.study.images import first_memorized, get_image_preset, load_digit_subset, run_image_study
+from protomem.study.report import render_report as render_report_of_run
 from tests.browser import render_report, require_chromium
 
 
@@ -99,6 +100,8 @@ def test_quick_study_tables_agree_and_report_renders(tmp_path: Path) -> None:
     (run / "report.html").unlink()
     image_study.rebuild_image_study(run)  # from the stored tables alone
     rebuilt = json.loads((run / "summary.json").read_text())
+    (run / "report.html").unlink()
+    assert render_report_of_run(run) == run / "report.html"  # `protomem report` knows an image-study run
     assert rebuilt["verdict"] == summary["verdict"] and (run / "report.html").exists()
     require_chromium()
     page = render_report(run / "report.html", tmp_path / "shot.png")

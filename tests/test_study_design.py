@@ -110,3 +110,12 @@ def test_stratified_permutations_shuffle_only_within_strata(strata, seed):
     for draw in draws:
         for stratum in np.unique(strata):
             assert sorted(draw[strata == stratum]) == sorted(values[strata == stratum])
+
+
+def test_quantile_strata_bins_by_quantile_and_keeps_ties_together():
+    values = np.array([0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, np.nan])
+    strata = stats.quantile_strata(values, 4)
+    assert strata[-1] == -1  # NaN
+    assert len(set(strata[:4])) == 1  # tied values share a stratum
+    assert (np.diff(strata[:8]) >= 0).all()  # monotone in the value
+    assert len(np.unique(stats.quantile_strata(np.arange(100.0), 10))) == 10

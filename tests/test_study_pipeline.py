@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_likelihood_endpoint_recomputed_from_the_stored_elbos(tiny_run):
         ):
             frame[rows["index"].to_numpy(), t] = rows["nll"].to_numpy()
     assert np.isfinite(nll_train).all() and (nll_train > 0).all()
-    r = 4
+    r = summary["likelihood"]["heldout_matches"]
 
     def reference(logprob, classes, exclude):
         out = []
@@ -241,6 +242,29 @@ def test_report_rebuilt_from_tables_renders_every_figure(tiny_run, tmp_path):
     assert seen["images_loaded"] == seen["images"]
     assert "memorized first" in seen["text"]
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_study_report_of_real_conditions_fits_the_screen(tiny_run, tmp_path, monkeypatch):
+    """The study report (conditions table, pooled tables, forest plot, survival curves) over two real
+    conditions, pooled for real: the tiny run stands in for training (copied, not re-run)."""
+    require_chromium()
+    from protomem.study import runner
+    from protomem.study.presets import StudyPreset
+
+    conditions = [
+        apply_overrides(tiny_condition(), {"name": "tiny-zipf-with-a-long-name-s0"}),
+        apply_overrides(tiny_condition(), {"name": "tiny-zipf-with-a-long-name-s1"}),
+    ]
+    monkeypatch.setattr(runner, "get_preset", lambda name: StudyPreset(name, "test", conditions))
+    monkeypatch.setattr(
+        runner, "run_condition", lambda config, out, **_: shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+    )
+    out = tmp_path / "study"
+    runner.run_study(out, preset="quick", progress=False, threads=1, jobs=1)
+    seen = render_report(out / "report.html", tmp_path / "study.png")
+    assert seen["images"] >= 2 and "tiny-zipf-with-a-long-name-s1" in seen["text"]
+    for width in (1280, 390):
+        assert seen["widths"][width]["screenshot"].stat().st_size > 10_000
 
 
 KILL_SCRIPT = """

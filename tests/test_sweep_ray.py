@@ -22,6 +22,7 @@ import pytest
 from protomem.sweep.layout import SweepLayout, is_complete, read_attempts
 from protomem.sweep.runner import run_sweep
 from protomem.sweep.spec import expand_points, load_spec, spec_from_dict
+from tests.browser import chromium_path, render_report
 from tests.test_sweep_support import FakeCondition, eval_steps, fake_run_condition
 
 pytest.importorskip("ray")
@@ -214,3 +215,15 @@ def test_tiny_study_sweep_killed_midway_resumes_and_gathers_every_point_once(tmp
     # 3) a third run has nothing to do
     third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "4 already finished" in third.stderr
+
+    # 4) the report of the real sweep, which fits a laptop and a phone screen
+    report = subprocess.run(
+        [sys.executable, "-m", "protomem.cli", "sweep", "report", str(layout.root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.returncode == 0, report.stderr
+    if chromium_path() is not None:
+        seen = render_report(layout.report, tmp_path / "sweep.png")
+        assert seen["images"] >= 3 and "τ_mem" in seen["text"]

@@ -33,6 +33,29 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from protomem import __version__
+
+        typer.echo(f"protomem {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the installed protomem version (from the package metadata) and exit.",
+    ),
+) -> None:
+    """Which training examples does a generative model copy, when does it start, and why those?"""
+
+
 app.add_typer(grammar_app, name="grammar")
 # Each package registers its commands below, one line each (keep this list in package order).
 diffusion_commands.register(app)

@@ -17,21 +17,13 @@ from protomem.grammar import RHM, Derivations, enumerate_strings, n_valid_string
 from protomem.grammar.prototypicality import prototypicality_table
 from protomem.io import atomic_path
 from protomem.memorization.hierarchy import chance_block_copy_fraction
-from protomem.memorization.likelihood import (
-    first_exceeding,
-    gain_thresholds,
-    likelihood_gain,
-    match_by_logprob,
-)
 from protomem.memorization.slop import sample_block_counts, training_blocks
 from protomem.memorization.tracking import copies_per_checkpoint, expected_copies, first_memorized
 from protomem.study import stats
 from protomem.study.config import ConditionConfig
-from protomem.study.design import tied_logprob
+from protomem.study.likelihood_endpoint import likelihood_endpoint, likelihood_nulls, likelihood_summary
 from protomem.study.pipeline import EVALS_DIR, write_table
 from protomem.study.slop_test import window_test
-
-ENDPOINTS = ("copies", "likelihood")
 
 # Scores analysed, and the sign that makes "higher = more prototypical".
 SCORE_SIGNS = {"nn_hamming": -1.0}
@@ -153,7 +145,6 @@ def analyze_condition(
         slop_rows["train_count"].append(blocks["train_count"])
         slop_rows["sample_count"].append(sample_counts)
         slop_rows["grammar_prob"].append(blocks["grammar_prob"])
-    write_table(out_dir / "metrics.parquet", metrics)
     slop_columns = {k: np.concatenate(v) for k, v in slop_rows.items()}
     slop_columns["tokens"] = [" ".join(map(str, b)) for b in blocks["tokens"]] * n_ckpt
     write_table(out_dir / "slop.parquet", slop_columns)
@@ -226,31 +217,16 @@ def analyze_condition(
         metrics["frac_memorized_likelihood"] = [
             float((likelihood["first_index"] <= t).mean()) for t in range(n_ckpt)
         ]
-        write_table(out_dir / "metrics.parquet", metrics)
-        # nulls: memorization order set by log p(x) alone (grammar), or by the model's own likelihood of
-        # unseen strings like it (calibrated: its matched held-out strings' ELBO at the final checkpoint)
-        null_rng = np.random.default_rng([analysis.seed, 1])
-        likelihood_nulls = {
-            name: stats.stratified_permutations(
-                likelihood["first_index"],
-                stats.quantile_strata(stratifier, LIKELIHOOD_STRATA),
-                analysis.n_null_draws,
-                null_rng,
-            )
-            for name, stratifier in (
-                ("grammar", tied_logprob(data.logprob)),
-                ("calibrated", likelihood["matched_heldout_nll_final"]),
-            )
-        }
         correlations_likelihood = correlate_scores(
             scores,
             score_names,
             likelihood["first_index"],
-            likelihood_nulls,
+            likelihood_nulls(likelihood, data, analysis),
             analysis,
             "likelihood",
             null_columns,
         )
+    write_table(out_dir / "metrics.parquet", metrics)
     write_table(out_dir / "per_example.parquet", per_example)
 
     # --- multi-score model at the most informative checkpoint -----------------------------------
@@ -311,11 +287,7 @@ def analyze_condition(
         for null_name, values in tested["null_draws"].items():
             slop_test_summary[f"null_mean_{null_name}"] = _nanmean(values)
             slop_test_summary[f"p_{null_name}"] = stats.tail_p(tested["slope"], values)
-            null_columns["endpoint"] += ["slop"] * len(values)
-            null_columns["score"] += ["slop_slope"] * len(values)
-            null_columns["null"] += [null_name] * len(values)
-            null_columns["draw"] += list(range(len(values)))
-            null_columns["rho"] += values.tolist()
+            append_null_draws(null_columns, "slop", "slop_slope", null_name, values)
     write_table(out_dir / "nulls.parquet", null_columns)
     nan = float("nan")
     primary = correlations.get(
@@ -356,7 +328,16 @@ def analyze_condition(
     return summary
 
 
-LIKELIHOOD_STRATA = 10  # quantile strata of the likelihood endpoint's stratified-permutation nulls
+def append_null_draws(
+    columns: dict[str, list], endpoint: str, score: str, null: str, values: np.ndarray
+) -> None:
+    """Add one null's draws of one statistic to the nulls.parquet columns (endpoint, score, null, draw, rho;
+    "rho" holds the statistic whatever it is)."""
+    columns["endpoint"] += [endpoint] * len(values)
+    columns["score"] += [score] * len(values)
+    columns["null"] += [null] * len(values)
+    columns["draw"] += list(range(len(values)))
+    columns["rho"] += np.asarray(values, dtype=float).tolist()
 
 
 def correlate_scores(
@@ -387,11 +368,7 @@ def correlate_scores(
             result[f"null_mean_{null_name}"] = _nanmean(rhos)
             result[f"null_sd_{null_name}"] = _nanstd(rhos)
             result[f"p_{null_name}"] = stats.tail_p(result["rho"], rhos)
-            null_columns["endpoint"] += [endpoint] * len(rhos)
-            null_columns["score"] += [name] * len(rhos)
-            null_columns["null"] += [null_name] * len(rhos)
-            null_columns["draw"] += list(range(len(rhos)))
-            null_columns["rho"] += rhos.tolist()
+            append_null_draws(null_columns, endpoint, name, null_name, rhos)
         result["direction"] = "higher = more prototypical" if SCORE_SIGNS.get(name, 1.0) > 0 else "negated"
         correlations[name] = result
     # The primary score is the one pre-specified test; the others are a family: adjust their p-values.
@@ -400,74 +377,6 @@ def correlate_scores(
         for name, adjusted in stats.adjusted_p_values(secondary).items():
             correlations[name][f"p_{null_name}_bh"] = adjusted
     return correlations
-
-
-def likelihood_endpoint(
-    config: ConditionConfig, out_dir: Path, data: Derivations, steps: np.ndarray
-) -> dict[str, np.ndarray] | None:
-    """Gains, thresholds and first memorized checkpoints from the stored ELBOs; None without them."""
-    from protomem.io import read_strings
-
-    paths = [out_dir / EVALS_DIR / f"likelihood_step_{int(s):08d}.parquet" for s in steps]
-    heldout_path = out_dir / "heldout.parquet"
-    if not config.evaluation.likelihood_draws or not heldout_path.is_file():
-        return None
-    if not all(p.is_file() for p in paths):
-        return None
-    heldout = read_strings(heldout_path)
-    if heldout.classes is None or heldout.logprobs is None:
-        return None
-    P, H = len(data.tokens), len(heldout.tokens)
-    nll_train, nll_heldout = np.empty((P, len(steps))), np.empty((H, len(steps)))
-    for t, path in enumerate(paths):
-        table = pq.read_table(path).to_pandas()
-        train_rows = table[table["set"] == "train"]
-        heldout_rows = table[table["set"] == "heldout"]
-        nll_train[train_rows["index"].to_numpy(), t] = train_rows["nll"].to_numpy()
-        nll_heldout[heldout_rows["index"].to_numpy(), t] = heldout_rows["nll"].to_numpy()
-    r = config.analysis.heldout_matches
-    train_logprob, heldout_logprob = tied_logprob(data.logprob), tied_logprob(heldout.logprobs)
-    matches = match_by_logprob(train_logprob, data.classes, heldout_logprob, heldout.classes, r)
-    heldout_matches = match_by_logprob(
-        heldout_logprob, heldout.classes, heldout_logprob, heldout.classes, r, exclude_self=True
-    )
-    gain = likelihood_gain(nll_train, nll_heldout, matches)
-    heldout_gain = likelihood_gain(nll_heldout, nll_heldout, heldout_matches)
-    thresholds = gain_thresholds(heldout_gain, config.analysis.likelihood_quantile)
-    first_index, first_step = first_exceeding(gain, thresholds, steps)
-    return {
-        "gain": gain,
-        "heldout_gain": heldout_gain,
-        "thresholds": thresholds,
-        "first_index": first_index,
-        "first_step": first_step,
-        "matched_heldout_nll_final": nll_heldout[matches, -1].mean(axis=1),
-    }
-
-
-def likelihood_summary(
-    likelihood: dict[str, np.ndarray] | None,
-    first_index_copies: np.ndarray,
-    n_ckpt: int,
-    analysis: Any,
-    correlations: dict[str, Any],
-) -> dict[str, Any] | None:
-    """The likelihood endpoint's numbers for summary.json (None when the condition has no ELBOs)."""
-    if likelihood is None:
-        return None
-    nan = float("nan")
-    return {
-        "quantile": analysis.likelihood_quantile,
-        "heldout_matches": analysis.heldout_matches,
-        "thresholds": likelihood["thresholds"].tolist(),
-        "frac_memorized_final": float((likelihood["first_index"] < n_ckpt).mean()),
-        # how the two earliness measures agree, string by string
-        "agreement_rho": stats.spearman(
-            stats.earliness(first_index_copies), stats.earliness(likelihood["first_index"])
-        ),
-        "primary": correlations.get(analysis.primary_score, {"rho": nan}),
-        "correlations": correlations,
-    }
 
 
 def _nanstd(values: np.ndarray) -> float:

@@ -13,7 +13,9 @@ statistic beats both nulls one-sided at alpha (upper tail), *refuted* when it li
 (the opposite direction), *not supported* otherwise, and *not tested* when the preset has no data for it.
 For (b): *supported* when skew near the root delays memorization (tau ratio > 1) and delays it more
 than skew near the tokens, each one-sided at alpha across seeds; *refuted* when skew near the root
-significantly speeds it up (ratio < 1 at alpha); *not supported* otherwise.
+significantly speeds it up (ratio < 1 at alpha); *not supported* otherwise. When a preset has several
+grammars, claim (a) is also broken down by grammar ("secondary" entries, alpha divided by the number of
+grammars); the claim's verdict is the primary entry's.
 """
 
 from __future__ import annotations
@@ -47,12 +49,23 @@ def verdict(pooled: dict[str, float] | None, alpha: float) -> str:
 
 
 def pooled_claim(
-    claim: str, test: str, endpoint: str, pooled: dict[str, float] | None, alpha: float
+    claim: str,
+    test: str,
+    endpoint: str,
+    pooled: dict[str, float] | None,
+    alpha: float,
+    scope: str = "all conditions",
+    role: str = "primary",
 ) -> dict[str, Any]:
-    """A claims-table entry for a pooled test (claims a and c)."""
+    """A claims-table entry for a pooled test (claims a and c). ``scope`` names the conditions pooled;
+    ``role`` is "primary" (the claim's verdict) or "secondary" (a pre-specified breakdown, with its own
+    alpha)."""
     pooled = pooled or {}
     return {
         "claim": claim,
+        "role": role,
+        "scope": scope,
+        "alpha": alpha,
         "statement": STATEMENTS[claim],
         "test": test,
         "endpoint": endpoint,
@@ -69,6 +82,9 @@ def skew_claim(ratios: dict[str, Any] | None, alpha: float) -> dict[str, Any]:
     the tokens."""
     entry: dict[str, Any] = {
         "claim": "b",
+        "role": "primary",
+        "scope": "skew arms paired by grammar seed",
+        "alpha": alpha,
         "statement": STATEMENTS["b"],
         "test": "tau_mem (first step with >= 10% exact copies among the samples) of skewed over uniform "
         "rules, paired by seed; one-sided t-tests on the log ratios across seeds",

@@ -72,8 +72,11 @@ class EvaluationSection(_Section):
     finer_sampling_steps: int | None = Field(
         None, ge=1, description="Sampler steps of the final-checkpoint check; None = 4x the training sampler."
     )
-    likelihood_draws: int = Field(
-        4, ge=0, description="Noise draws of each string's ELBO per evaluation (0 = no likelihood endpoint)."
+    likelihood_draws: int | None = Field(
+        None,
+        ge=0,
+        description="Noise draws of each string's ELBO per evaluation; None = the string length (one per "
+        "number of masked tokens); 0 = no likelihood endpoint.",
     )
     heldout_strings: int | None = Field(
         None, ge=8, description="Held-out grammar strings for the likelihood endpoint; None = P."
@@ -95,7 +98,7 @@ class AnalysisSection(_Section):
     alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Significance level of the verdict.")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     heldout_matches: int = Field(
-        4, ge=1, description="Held-out strings of the same class and nearest log p(x) matched to each string."
+        8, ge=1, description="Held-out strings of the same class and nearest log p(x) matched to each string."
     )
     likelihood_quantile: float = Field(
         0.99,
@@ -176,6 +179,12 @@ class ConditionConfig(_Section):
             eval_samples=self.evaluation.n_samples,
         )
         return DiffusionConfig(**fields)
+
+    def likelihood_draws(self) -> int:
+        """ELBO noise draws per string and evaluation (0: no likelihood endpoint)."""
+        if self.evaluation.likelihood_draws is not None:
+            return self.evaluation.likelihood_draws
+        return self.grammar.branching**self.grammar.depth
 
     def finer_sampling_steps(self) -> int:
         if self.evaluation.finer_sampling_steps is not None:

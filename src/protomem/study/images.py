@@ -636,7 +636,7 @@ def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
         settings = rebuild_preset(recorded)
     except (TypeError, ValueError) as exc:
         raise ProtomemError(f"not an image-study config ({exc})", path=run / "config.json") from None
-    stored = np.load(run / "train.npz", allow_pickle=False)
+    stored = _read_train_images(run)
     _, _, _, all_digits = load_digit_subset(settings.n_train, settings.seed)
     losses = [float(v) for v in _read_checkpoint_state(run)["losses"]]
     from protomem.textio import load_json
@@ -660,6 +660,19 @@ def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
     summary["status"] = previous.get("status", "complete")
     write_json_atomic(run / "summary.json", _json_ready(summary))
     return run
+
+
+def _read_train_images(run: Path) -> dict[str, np.ndarray]:
+    """run/train.npz (images (N, H, W, 1), dataset_index (N,), labels (N,)); damage is a one-line error."""
+    import zipfile
+
+    path = run / "train.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {name: stored[name] for name in ("images", "dataset_index", "labels")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise ProtomemError(f"unreadable training images ({detail})", path=path) from None
 
 
 def _json_ready(value: object) -> object:
@@ -708,7 +721,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     per_example = pd.read_parquet(run / "per_example.parquet")
     metrics = pd.read_parquet(run / "metrics.parquet")
     evals = sorted(_read_evals(run), key=lambda e: e["step"])
-    train = np.load(run / "train.npz")["images"][..., 0]
+    train = _read_train_images(run)["images"][..., 0]
     figures = []
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))

@@ -200,7 +200,7 @@ def run_condition(
     training = build_training_set(config, grammar)
     data = training.strings
     write_strings(out_dir / "train.parquet", data.tokens, classes=data.classes, logprobs=data.logprob)
-    heldout = draw_heldout(config, grammar, data) if config.evaluation.likelihood_draws else None
+    heldout = draw_heldout(config, grammar, data) if config.likelihood_draws() else None
     if heldout is not None:
         write_strings(
             out_dir / "heldout.parquet", heldout.tokens, classes=heldout.classes, logprobs=heldout.logprob
@@ -344,7 +344,7 @@ def _likelihood_columns(
     tokens = np.concatenate([train.tokens, heldout.tokens])
     classes = np.concatenate([train.classes, heldout.classes]) if config.data.class_conditional else None
     nll = nll_bound(
-        loaded, tokens, draws=config.evaluation.likelihood_draws, seed=config.diffusion.seed, classes=classes
+        loaded, tokens, draws=config.likelihood_draws(), seed=config.diffusion.seed, classes=classes
     )
     return {
         "set": ["train"] * len(train) + ["heldout"] * len(heldout),

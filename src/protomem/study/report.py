@@ -251,7 +251,7 @@ def render_study_report(study_dir: str | Path) -> Path:
 
 
 def render_report(run_dir: str | Path) -> Path:
-    """Rebuild the report of a study directory or of one condition directory.
+    """Rebuild the report of a study directory, of one condition directory or of an image-study run.
 
     The folder is read as untrusted input: a missing, damaged or inconsistent file is a one-line error
     naming the folder, never a traceback.
@@ -260,8 +260,12 @@ def render_report(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise ProtomemError("no such run directory", path=run_dir)
     try:
-        if (run_dir / STUDY_FILE).exists():
+        if (run_dir / STUDY_FILE).is_file():
             return render_study_report(run_dir)
+        if (run_dir / "evals.json").is_file() and not (run_dir / "grammar.json").exists():
+            from protomem.study.images import rebuild_image_study
+
+            return rebuild_image_study(run_dir) / "report.html"
         return render_condition_report(run_dir)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]

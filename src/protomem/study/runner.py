@@ -36,13 +36,17 @@ from protomem.study.skew import tau_mem, tau_ratios
 from protomem.textio import load_json, require_inside
 
 
+def grammar_label(condition: ConditionConfig) -> str:
+    """'v=8, m=3, L=3': which grammar shape a condition uses."""
+    g = condition.grammar
+    return f"v={g.vocab_size}, m={g.rules_per_symbol}, L={g.depth}"
+
+
 def _groups(conditions: list[ConditionConfig]) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {"all conditions": [c.name for c in conditions]}
     by_size = {}
     for c in conditions:
-        g = c.grammar
-        label = f"v={g.vocab_size}, m={g.rules_per_symbol}, L={g.depth}"
-        by_size.setdefault(label, []).append(c.name)
+        by_size.setdefault(grammar_label(c), []).append(c.name)
     if len(by_size) > 1:
         groups.update({f"grammar {k}": v for k, v in by_size.items()})
     zipf = [c.name for c in conditions if c.grammar.zipf_exponent > 0]
@@ -360,13 +364,19 @@ def claims_and_power(
         "a_likelihood": pooled_statistics(out_dir, names, score, "likelihood"),
         "c": pooled_statistics(out_dir, [c.name for c in conditions], "slop_slope", "slop"),
     }
-    earliness = (
-        f"Spearman rho({score}, earliness of first memorization) pooled over {len(names)} Zipf conditions "
-        f"with {design}, one-sided against the grammar and the calibrated Monte Carlo nulls, alpha {alpha}"
-    )
+
+    def earliness_test(count: int, level: float) -> str:
+        return (
+            f"Spearman rho({score}, earliness of first memorization) pooled over {count} Zipf conditions "
+            f"with {design}, one-sided against the grammar and the calibrated Monte Carlo nulls, "
+            f"alpha {level:g}"
+        )
+
     claims = [
-        pooled_claim("a", earliness, "copies", pooled_tests["a_copies"], alpha),
-        pooled_claim("a", earliness, "likelihood", pooled_tests["a_likelihood"], alpha),
+        pooled_claim("a", earliness_test(len(names), alpha), "copies", pooled_tests["a_copies"], alpha),
+        pooled_claim(
+            "a", earliness_test(len(names), alpha), "likelihood", pooled_tests["a_likelihood"], alpha
+        ),
     ]
     taus = {}
     for condition in conditions:
@@ -375,8 +385,7 @@ def claims_and_power(
             metrics = pd.read_parquet(metrics_path, columns=["step", "frac_exact_copy"])
             taus[condition.name] = tau_mem(metrics["step"].to_numpy(), metrics["frac_exact_copy"].to_numpy())
     ratios = tau_ratios(taus, conditions)
-    if ratios:
-        claims.append(skew_claim(ratios, alpha))
+    claims.append(skew_claim(ratios or None, alpha))
     claims.append(
         pooled_claim(
             "c",
@@ -388,8 +397,20 @@ def claims_and_power(
             alpha,
         )
     )
-    if not ratios:
-        claims.insert(2, skew_claim(None, alpha))
+    # claim (a) by grammar when the preset has several: secondary, alpha shared among the grammars
+    by_grammar: dict[str, list[str]] = {}
+    for c in zipf:
+        by_grammar.setdefault(grammar_label(c), []).append(c.name)
+    if len(by_grammar) > 1:
+        level = alpha / len(by_grammar)
+        for label, members in by_grammar.items():
+            for endpoint in ("copies", "likelihood"):
+                pooled = pooled_statistics(out_dir, members, score, endpoint)
+                pooled_tests[f"a_{endpoint}_{label}"] = pooled
+                test = earliness_test(len(members), level) + f" (grammar {label})"
+                claims.append(
+                    pooled_claim("a", test, endpoint, pooled, level, f"grammar {label}", "secondary")
+                )
     summaries = [read_summary(out_dir / "conditions" / name) or {} for name in names]
     correlations = {
         "copies": [(summary.get("correlations") or {}).get(score, {}) for summary in summaries],

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from protomem.study.stats import tail_p
+
 
 def slopes(train_count: np.ndarray, sample_counts: np.ndarray, n_train: int, n_samples: int) -> np.ndarray:
     """(D,) slop slopes of D count vectors ``sample_counts`` (D, B) against one training count vector (B,).
@@ -113,14 +115,17 @@ def window_test(
         levels: the levels tested (below the root).
         n_samples: per window checkpoint, the number of samples K.
 
-    Returns None when the window is empty; else {"slope": mean observed slope, "per_level": {level: mean
-    observed slope}, "null_draws": {null: (n_draws,) mean null slope per draw}}.
+    Returns None when the window is empty; else {"slope": mean observed slope, "per_level": {level:
+    {"slope", "null_mean_<null>", "p_<null>"}}, "null_draws": {null: (n_draws,) mean null slope per draw}}.
     """
     if not sample_counts:
         return None
     observed: list[float] = []
     per_level: dict[int, list[float]] = {level: [] for level in levels}
     draws: dict[str, list[np.ndarray]] = {"grammar": [], "calibrated": []}
+    level_draws: dict[int, dict[str, list[np.ndarray]]] = {
+        level: {"grammar": [], "calibrated": []} for level in levels
+    }
     for counts, k in zip(sample_counts, n_samples, strict=True):
         for level in levels:
             at = blocks["level"] == level
@@ -134,10 +139,21 @@ def window_test(
             )
             for name, values in nulls.items():
                 draws[name].append(values)
+                level_draws[level][name].append(values)
     if not observed:
         return None
+    levels_out: dict[int, dict[str, float]] = {}
+    for level, values in per_level.items():
+        if not values:
+            continue
+        entry = {"slope": float(np.mean(values))}
+        for name, arrays in level_draws[level].items():
+            null = np.mean(np.stack(arrays), axis=0)
+            entry[f"null_mean_{name}"] = float(np.nanmean(null))
+            entry[f"p_{name}"] = tail_p(entry["slope"], null)
+        levels_out[level] = entry
     return {
         "slope": float(np.mean(observed)),
-        "per_level": {level: float(np.mean(v)) for level, v in per_level.items() if v},
+        "per_level": levels_out,
         "null_draws": {name: np.mean(np.stack(values), axis=0) for name, values in draws.items()},
     }

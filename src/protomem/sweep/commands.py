@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -23,7 +22,7 @@ console = Console(stderr=True, soft_wrap=True)  # summary lines stay whole in lo
 class SweepGroup(TyperGroup):
     """A group where ``sweep FILE ...`` means ``sweep run FILE ...``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             first = args[0]
             if Path(first).is_file() or first.endswith((".yaml", ".yml")):

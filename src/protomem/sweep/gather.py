@@ -75,7 +75,7 @@ def find_leaf(config: Any, names: tuple[str, ...]) -> tuple[bool, Any]:
 
 
 def get_dotted(config: Any, key: str) -> Any:
-    """config["a"]["b"] for key "a.b"; None when a part is missing."""
+    """``config["a"]["b"]`` for key ``"a.b"``; None when a part is missing."""
     for part in key.split("."):
         if not isinstance(config, dict) or part not in config:
             return None
