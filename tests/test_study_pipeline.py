@@ -267,6 +267,30 @@ def test_study_report_of_real_conditions_fits_the_screen(tiny_run, tmp_path, mon
         assert seen["widths"][width]["screenshot"].stat().st_size > 10_000
 
 
+def test_study_report_of_conditions_without_the_likelihood_endpoint(tiny_run, tmp_path, monkeypatch):
+    """Presets that skip the likelihood endpoint (zipf-levels: likelihood_draws = 0) pool and render; the
+    study report once failed on them (UndefinedError: no attribute 'frac_memorized_final')."""
+    from protomem.study import runner
+    from protomem.study.presets import StudyPreset
+
+    def without_likelihood(config, out, **_):
+        shutil.copytree(tiny_run, out, dirs_exist_ok=True)
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        summary.pop("likelihood", None)
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+
+    conditions = [apply_overrides(tiny_condition(), {"name": f"tiny-s{seed}"}) for seed in (0, 1)]
+    monkeypatch.setattr(runner, "get_preset", lambda name: StudyPreset(name, "test", conditions))
+    monkeypatch.setattr(runner, "run_condition", without_likelihood)
+    out = tmp_path / "study"
+    runner.run_study(out, preset="quick", progress=False, threads=1, jobs=1)
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "complete"
+    by_endpoint = {c["endpoint"]: c for c in study["claims"] if c["claim"] == "a"}
+    assert by_endpoint["likelihood"]["verdict"] == "not tested"
+    assert "tiny-s1" in (out / "report.html").read_text()
+
+
 KILL_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
