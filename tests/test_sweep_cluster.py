@@ -397,15 +397,14 @@ def test_a_two_node_cluster_finishes_every_point_and_a_blind_node_fails_loudly(t
             "--no-progress",
             "--no-report",
         ]
+
+        def sweep(out: str, env: dict[str, str] = cluster.env) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [*command, "--out", out], cwd=driver, env=env, capture_output=True, text=True, timeout=3600
+            )
+
         # 1) both nodes see the output folder: a relative --out (resolved by the driver) loses nothing
-        done = subprocess.run(
-            [*command, "--out", "runs/rel"],
-            cwd=driver,
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
+        done = sweep("runs/rel")
         assert done.returncode == 0, done.stdout + done.stderr
         statuses = _statuses(driver / "runs" / "rel")
         assert len(statuses) == 4 and {s[0] for s in statuses.values()} == {"complete"}, statuses
@@ -413,14 +412,7 @@ def test_a_two_node_cluster_finishes_every_point_and_a_blind_node_fails_loudly(t
         assert not list((cluster.root / "worker").rglob("manifest.json"))  # nothing under a node's cwd
 
         # 2) the worker node cannot see the output folder: its points fail loudly, the others finish
-        done = subprocess.run(
-            [*command, "--out", str(hidden / "sweep")],
-            cwd=driver,
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
+        done = sweep(str(hidden / "sweep"))
         assert done.returncode == 1, done.stdout + done.stderr
         assert "does not see the sweep directory" in done.stderr and "not complete" in done.stderr
         statuses = _statuses(hidden / "sweep")
@@ -429,9 +421,7 @@ def test_a_two_node_cluster_finishes_every_point_and_a_blind_node_fails_loudly(t
 
         # 3) joining without the cluster's token names the fix
         env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
-        done = subprocess.run(
-            [*command, "--out", "runs/auth"], cwd=driver, env=env, capture_output=True, text=True, timeout=600
-        )
+        done = sweep("runs/auth", env)
         assert done.returncode == 2 and "RAY_AUTH_MODE=token" in done.stderr.splitlines()[-1], done.stderr
     finally:
         cluster.stop()
