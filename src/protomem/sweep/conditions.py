@@ -64,16 +64,22 @@ def with_one_thread(config: Any) -> Any:
     return config
 
 
-def point_configs(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, Any]:
-    """Point name -> its validated ConditionConfig (one thread per point). Errors name the point."""
+def point_configs(
+    spec: SweepSpec, points: list[SweepPoint], path: object | None = None
+) -> dict[str, Any]:
+    """Point name -> its validated ConditionConfig (one thread per point). Errors name the sweep file
+    ``path`` and the point (or the base field)."""
     study_config, _ = _study()
-    base = base_config(spec.base)
+    try:
+        base = base_config(spec.base)
+    except ProtomemError as exc:
+        raise ProtomemError(exc.message, path=path, where=exc.where or "base") from None
     configs = {}
     for point in points:
         try:
             config = study_config.apply_overrides(base, dict(point.params))
         except ProtomemError as exc:
-            raise ProtomemError(exc.message, where=f"point {point.name}") from None
+            raise ProtomemError(exc.message, path=path, where=f"point {point.name}") from None
         configs[point.name] = with_one_thread(config)
     return configs
 
