@@ -471,7 +471,7 @@ def test_corrupt_checkpoint_is_refused(finished_run):
         load_checkpoint(finished_run)
     state = finished_run / "checkpoints" / "step_00000006" / "state.json"
     state.write_text("{not json")
-    with pytest.raises(ProtomemError, match="corrupt checkpoint state"):
+    with pytest.raises(ProtomemError, match=r"state.json \(line 1\): malformed JSON"):
         load_checkpoint(finished_run, step=6)
 
 

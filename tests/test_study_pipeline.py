@@ -471,7 +471,8 @@ def test_parallel_study_pools_conditions_and_renders(tmp_path, monkeypatch):
         runner.run_study(out, preset="quick", progress=False)
     runner.run_study(out, resume=True, progress=False)  # everything done: only pools and re-renders
     seen = render_report(out / "report.html", tmp_path / "study.png")
-    assert seen["images"] == 3 and seen["images_loaded"] == 3
+    # the power curve, the forest plot and one survival figure per condition
+    assert seen["images"] == 4 and seen["images_loaded"] == 4
 
 
 STUDY_KILL_SCRIPT = """

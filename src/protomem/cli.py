@@ -2,14 +2,22 @@
 
 Every package contributes its commands from ``protomem/<package>/commands.py`` (imports of torch and
 other heavy modules happen inside the command functions, so ``protomem --help`` stays fast).
-A :class:`~protomem.errors.ProtomemError` becomes a one-line message and exit code 2.
+A :class:`~protomem.errors.ProtomemError` (and any other user error: a bad flag, a file the system
+refuses) becomes a one-line message and exit code 2; :func:`run` runs a command line in-process.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
+import typer.main
+
+try:  # typer >= 0.22 ships its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_errors
 
 from protomem.audit import commands as audit_commands
 from protomem.diffusion import commands as diffusion_commands
@@ -56,16 +64,49 @@ audit_commands.register(app)
 app.add_typer(sweep_app, name="sweep")
 
 
-def main() -> None:
-    """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: sys.argv[1:]) in this process; returns the exit code.
+
+    User errors — a :class:`ProtomemError`, a bad flag, a file the system refuses to read or write — are
+    one line on stderr and exit code 2; Ctrl-C is exit code 130. Anything else is a bug and keeps its
+    traceback.
+    """
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(args=argv, prog_name="protomem", standalone_mode=False)
     except ProtomemError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        sys.exit(2)
+        return _fail(exc.one_line())
+    except click_errors.NoArgsIsHelpError as exc:
+        exc.show()
+        return exc.exit_code
+    except click_errors.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+        return _fail(f"{where}{exc.format_message()} (see --help)", exc.exit_code)
+    except click_errors.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        return _fail("aborted", 1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    except OSError as exc:  # refused by the system: permissions, a full or read-only disk, ...
+        if exc.errno == errno.EPIPE:  # the reader of our output went away (e.g. `| head`)
+            return 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    if code == 130:
+        print("interrupted", file=sys.stderr)
+    return code if isinstance(code, int) else 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def main() -> None:
+    """Entry point of the ``protomem`` script."""
+    sys.exit(run())
 
 
 if __name__ == "__main__":

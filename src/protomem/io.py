@@ -16,27 +16,43 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from protomem import limits
 from protomem.errors import ProtomemError
+from protomem.outputs import apply_umask_modes, check_dir_target, check_replaceable, dir_mode, file_mode
+from protomem.textio import parse_json, regular_file, text_lines
 
 STRING_FORMATS = ("parquet", "jsonl", "txt")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the permissions of the user's umask. ``path`` must be missing or a regular file (checked
+    before and again right before the rename): a device, FIFO, socket or directory is never replaced.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    check_replaceable(target)
+    make_dirs(target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ProtomemError(f"cannot write here ({exc.strerror})", path=target) from None
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(file_mode())  # in case the writer replaced the file (e.g. duckdb)
+        check_replaceable(target)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -45,7 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
@@ -53,23 +69,30 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
 
 
 @contextlib.contextmanager
-def new_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def new_output_dir(
+    path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[object | None] = ()
+) -> Iterator[Path]:
     """Build a whole output directory in a temporary sibling and move it into place at the end.
 
-    Refuses an existing non-empty ``path`` unless ``overwrite``. If the block raises (or the process is
-    killed), ``path`` is left as it was: nothing half-written appears under the final name.
+    Refuses an existing non-empty ``path`` unless ``overwrite``, and any path
+    :func:`protomem.outputs.check_dir_target` refuses (e.g. one holding an input). If the block raises
+    (or the process is killed), ``path`` is left as it was: nothing half-written appears under the final
+    name. The directory gets the permissions of the user's umask.
     """
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise ProtomemError("exists and is not a directory", path=target)
+    target = check_dir_target(path, overwrite=overwrite, inputs=inputs)
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ProtomemError(
             "output directory exists and is not empty (pass --overwrite to replace it)", path=target
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    make_dirs(target.parent)
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    except OSError as exc:
+        raise ProtomemError(f"cannot write here ({exc.strerror})", path=target) from None
+    try:
+        staging.chmod(dir_mode())
         yield staging
+        apply_umask_modes(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -86,12 +109,15 @@ def is_non_empty_dir(path: str | os.PathLike) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def start_fresh_run_dir(path: str | os.PathLike, overwrite: bool) -> None:
+def start_fresh_run_dir(
+    path: str | os.PathLike, overwrite: bool, inputs: Iterable[object | None] = ()
+) -> None:
     """Create an empty run directory for a resumable run (written in place, so not staged).
 
-    A non-empty ``path`` is refused unless ``overwrite``, which deletes it first.
+    A non-empty ``path`` is refused unless ``overwrite``, which deletes it first (never a directory
+    :func:`protomem.outputs.check_dir_target` refuses, e.g. one holding an input).
     """
-    path = Path(path)
+    path = check_dir_target(path, overwrite=overwrite, inputs=inputs)
     if is_non_empty_dir(path):
         if not overwrite:
             raise ProtomemError(
@@ -99,7 +125,19 @@ def start_fresh_run_dir(path: str | os.PathLike, overwrite: bool) -> None:
                 path=path,
             )
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs(path)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p`` with a one-line error when the location is not writable."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ProtomemError("exists and is not a directory", path=path) from None
+    except OSError as exc:
+        raise ProtomemError(f"cannot create directory ({exc.strerror})", path=path) from None
+    return path
 
 
 @dataclass
@@ -132,25 +170,17 @@ def string_format_of(path: str | os.PathLike) -> str:
     raise ProtomemError(f"unknown string-file extension {suffix!r} (use .parquet, .jsonl or .txt)", path=path)
 
 
+INT64_MAX = (1 << 63) - 1
+
+
 def _check_int(value: object, path: object, where: str) -> int:
+    """A token or class id: an integer in [0, 2^63) (negatives pass here; callers say why they are bad)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ProtomemError(f"expected an integer, got {value!r}", path=path, where=where)
-    return int(value)
-
-
-def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line with its line ending) of a file, decoded line by line, so a byte that is
-    not UTF-8 is a :class:`ProtomemError` naming the file and its line."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ProtomemError(
-                    f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)",
-                    path=path,
-                    where=f"line {number}",
-                ) from None
+        raise ProtomemError(f"expected an integer, got {value!r}"[:200], path=path, where=where)
+    value = int(value)
+    if not -INT64_MAX <= value <= INT64_MAX:
+        raise ProtomemError(f"integer {value:.3g} out of range (at most 2^63 - 1)", path=path, where=where)
+    return value
 
 
 def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
@@ -158,18 +188,9 @@ def jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
 
     A line that is not UTF-8 or not valid JSON is a :class:`ProtomemError` naming the file and the line.
     """
-    for number, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProtomemError(f"malformed JSON ({exc.msg})", path=path, where=f"line {number}") from None
-        except RecursionError:
-            raise ProtomemError(
-                "malformed JSON (nested too deeply)", path=path, where=f"line {number}"
-            ) from None
-        yield number, value
+    for number, line in text_lines(path):
+        if line.strip():
+            yield number, parse_json(line, path=path, where=f"line {number}")
 
 
 def jsonl_records(path: str | os.PathLike, field: str, kind: type) -> Iterator[tuple[int, dict]]:
@@ -181,6 +202,159 @@ def jsonl_records(path: str | os.PathLike, field: str, kind: type) -> Iterator[t
                 f"expected an object with a {field!r} {noun}", path=path, where=f"line {number}"
             )
         yield number, record
+
+
+@dataclass
+class _Records:
+    """What a strings file held, before the checks common to every format."""
+
+    rows: list[list[int]]
+    numbers: list[int]  # 1-based line (or row) of each record
+    unit: str = "line"
+    classes: list[int | None] | None = None
+    logprobs: list[float | None] | None = None
+
+
+class _TokenBudget:
+    """Counts tokens as records are read; refuses a string or a file over the limits."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.total = path, 0
+        self.per_string, self.per_file = limits.STRING_TOKENS.value(), limits.TOTAL_TOKENS.value()
+
+    def add(self, count: int, where: str) -> None:
+        self.total += count
+        if count > self.per_string:
+            limits.STRING_TOKENS.check(count, "string length", path=self.path, where=where)
+        if self.total > self.per_file:
+            limits.TOTAL_TOKENS.check(self.total, "tokens in the file", path=self.path, where=where)
+
+
+def _read_text_records(path: Path) -> _Records:
+    records = _Records(rows=[], numbers=[])
+    budget = _TokenBudget(path)
+    for number, line in text_lines(path, "strings file"):
+        words = line.split()
+        if not words:
+            continue
+        where = f"line {number}"
+        budget.add(len(words), where)
+        try:
+            row = [int(word) for word in words]
+        except ValueError:
+            raise ProtomemError(
+                "tokens must be integers separated by spaces", path=path, where=where
+            ) from None
+        records.rows.append([_check_int(t, path, where) for t in row])
+        records.numbers.append(number)
+    return records
+
+
+def _read_jsonl_records(path: Path) -> _Records:
+    records = _Records(rows=[], numbers=[], classes=[], logprobs=[])
+    has_class = has_logprob = False
+    budget = _TokenBudget(path)
+    for number, record in jsonl_records(path, "tokens", list):
+        where = f"line {number}"
+        budget.add(len(record["tokens"]), where)
+        records.rows.append([_check_int(t, path, where) for t in record["tokens"]])
+        records.numbers.append(number)
+        c = record.get("class")
+        has_class |= "class" in record
+        records.classes.append(None if c is None else _check_int(c, path, f"{where} field 'class'"))
+        lp = record.get("logprob")
+        has_logprob |= "logprob" in record
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, (int, float))):
+            raise ProtomemError("'logprob' must be a number", path=path, where=where)
+        records.logprobs.append(None if lp is None else float(lp))
+    records.classes = records.classes if has_class else None
+    records.logprobs = records.logprobs if has_logprob else None
+    return records
+
+
+def _parquet_kind(field_type: object) -> str:
+    """'int', 'uint', 'float', 'null' or 'other' for an Arrow type."""
+    import pyarrow as pa
+
+    if pa.types.is_signed_integer(field_type):
+        return "int"
+    if pa.types.is_unsigned_integer(field_type):
+        return "uint"
+    if pa.types.is_floating(field_type):
+        return "float"
+    if pa.types.is_null(field_type):
+        return "null"
+    return "other"
+
+
+def _integral_values(values: list, path: Path, column: str, numbers: list[int], unit: str) -> list:
+    """Check that a column's numbers are whole and within int64; None stays None. Returns ints."""
+    out = []
+    for value, number in zip(values, numbers, strict=True):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, float) and not (np.isfinite(value) and value == int(value)):
+            raise ProtomemError(
+                f"{column} must be whole numbers, got {value!r}", path=path, where=f"{unit} {number}"
+            )
+        out.append(_check_int(int(value), path, f"{unit} {number} field {column!r}"))
+    return out
+
+
+def _read_parquet_records(path: Path) -> _Records:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+        metadata = parquet.metadata
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise ProtomemError(f"not a readable Parquet file ({exc})", path=path) from None
+    if "tokens" not in schema.names:
+        raise ProtomemError("missing column 'tokens'", path=path)
+    token_type = schema.field("tokens").type
+    if not (
+        pa.types.is_list(token_type)
+        or pa.types.is_large_list(token_type)
+        or pa.types.is_fixed_size_list(token_type)
+    ) or _parquet_kind(token_type.value_type) not in ("int", "uint", "float"):
+        raise ProtomemError(f"column 'tokens' must hold lists of integers, found {token_type}", path=path)
+    for name, allowed in (("class", ("int", "uint", "float", "null")), ("logprob", ("int", "float", "null"))):
+        if name in schema.names and _parquet_kind(schema.field(name).type) not in allowed:
+            raise ProtomemError(
+                f"column {name!r} must hold numbers, found {schema.field(name).type}", path=path
+            )
+    stored = sum(  # token values as stored (read from the footer, before any is decoded)
+        metadata.row_group(g).column(c).num_values
+        for g in range(metadata.num_row_groups)
+        for c in range(metadata.num_columns)
+        if metadata.row_group(g).column(c).path_in_schema.split(".")[0] == "tokens"
+    )
+    limits.TOTAL_TOKENS.check(stored, "tokens in the file", path=path)
+    columns = [name for name in ("tokens", "class", "logprob") if name in schema.names]
+    try:
+        table = pq.read_table(path, columns=columns)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise ProtomemError(f"not a readable Parquet file ({exc})", path=path) from None
+    numbers = list(range(1, table.num_rows + 1))
+    budget = _TokenBudget(path)
+    rows = []
+    for number, row in zip(numbers, table.column("tokens").to_pylist(), strict=True):
+        where = f"row {number}"
+        if row is None:
+            raise ProtomemError("tokens is null", path=path, where=where)
+        budget.add(len(row), where)
+        if any(t is None for t in row):
+            raise ProtomemError("a token is null", path=path, where=where)
+        rows.append(_integral_values(row, path, "tokens", [number] * len(row), "row"))
+    records = _Records(rows=rows, numbers=numbers, unit="row")
+    if "class" in table.column_names:
+        records.classes = _integral_values(table.column("class").to_pylist(), path, "class", numbers, "row")
+    if "logprob" in table.column_names:
+        records.logprobs = [None if v is None else float(v) for v in table.column("logprob").to_pylist()]
+    return records
 
 
 def read_strings(
@@ -196,106 +370,41 @@ def read_strings(
             must share the first string's length.
 
     Raises:
-        ProtomemError: naming the file and the first offending line (1-based; Parquet: row).
+        ProtomemError: naming the file and the first offending line (1-based; Parquet: row) — also for
+            bytes that are not UTF-8, tokens that are not whole numbers in [0, 2^63), and strings or files
+            over :data:`protomem.limits.STRING_TOKENS` / :data:`protomem.limits.TOTAL_TOKENS`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ProtomemError("no such file", path=path)
+    path = regular_file(path, "strings file")
     fmt = string_format_of(path)
-    rows: list[list[int]] = []
-    classes: list[int | None] = []
-    logprobs: list[float | None] = []
-    has_class = has_logprob = False
-    unit = "line"
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        unit = "row"
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise ProtomemError(f"not a readable Parquet file ({exc})", path=path) from None
-        if "tokens" not in table.column_names:
-            raise ProtomemError("missing column 'tokens'", path=path)
-        has_class = "class" in table.column_names
-        has_logprob = "logprob" in table.column_names
-        rows = table.column("tokens").to_pylist()
-        classes = table.column("class").to_pylist() if has_class else []
-        logprobs = table.column("logprob").to_pylist() if has_logprob else []
-        for i, row in enumerate(rows, start=1):
-            if row is None:
-                raise ProtomemError("tokens is null", path=path, where=f"row {i}")
-    elif fmt == "jsonl":
-        for i, record in jsonl_records(path, "tokens", list):
-            tokens = record["tokens"]
-            rows.append([_check_int(t, path, f"line {i}") for t in tokens])
-            if "class" in record:
-                has_class = True
-                c = record["class"]
-                classes.append(None if c is None else _check_int(c, path, f"line {i} field 'class'"))
-            else:
-                classes.append(None)
-            if "logprob" in record:
-                has_logprob = True
-                lp = record["logprob"]
-                if lp is not None and not isinstance(lp, (int, float)):
-                    raise ProtomemError("'logprob' must be a number", path=path, where=f"line {i}")
-                logprobs.append(lp)
-            else:
-                logprobs.append(None)
-    else:
-        with open(path, encoding="utf-8") as handle:
-            for i, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append([int(t) for t in line.split()])
-                except ValueError:
-                    raise ProtomemError(
-                        "tokens must be integers separated by spaces", path=path, where=f"line {i}"
-                    ) from None
-    if not rows:
+    reader = {"parquet": _read_parquet_records, "jsonl": _read_jsonl_records, "txt": _read_text_records}
+    records = reader[fmt](path)
+    if not records.rows:
         raise ProtomemError("no strings in file", path=path)
-    expected = length if length is not None else len(rows[0])
-    line_numbers = _record_line_numbers(path, fmt, len(rows))
-    for row, line_no in zip(rows, line_numbers, strict=True):
+    expected = length if length is not None else len(records.rows[0])
+    for row, number in zip(records.rows, records.numbers, strict=True):
         if len(row) != expected:
             raise ProtomemError(
-                f"string has {len(row)} tokens, expected {expected}", path=path, where=f"{unit} {line_no}"
-            )
-    tokens = np.asarray(rows, dtype=np.int64).reshape(len(rows), expected)
-    if vocab_size is not None:
-        bad = np.flatnonzero(((tokens < 0) | (tokens >= vocab_size)).any(axis=1))
-        if bad.size:
-            first = int(bad[0])
-            value = tokens[first][(tokens[first] < 0) | (tokens[first] >= vocab_size)][0]
-            raise ProtomemError(
-                f"token {value} out of range [0, {vocab_size})",
+                f"string has {len(row)} tokens, expected {expected}",
                 path=path,
-                where=f"{unit} {line_numbers[first]}",
+                where=f"{records.unit} {number}",
             )
-    elif (tokens < 0).any():
-        first = int(np.flatnonzero((tokens < 0).any(axis=1))[0])
-        raise ProtomemError("negative token", path=path, where=f"{unit} {line_numbers[first]}")
+    if expected == 0:
+        raise ProtomemError("strings are empty", path=path)
+    tokens = np.asarray(records.rows, dtype=np.int64).reshape(len(records.rows), expected)
+    high = vocab_size if vocab_size is not None else INT64_MAX
+    bad_rows = np.flatnonzero(((tokens < 0) | (tokens >= high)).any(axis=1))
+    if bad_rows.size:
+        first = int(bad_rows[0])
+        value = tokens[first][(tokens[first] < 0) | (tokens[first] >= high)][0]
+        message = "negative token" if vocab_size is None else f"token {value} out of range [0, {vocab_size})"
+        raise ProtomemError(message, path=path, where=f"{records.unit} {records.numbers[first]}")
     class_array = None
-    if has_class:
-        class_array = np.array([-1 if c is None else c for c in classes], dtype=np.int64)
+    if records.classes is not None:
+        class_array = np.array([-1 if c is None else c for c in records.classes], dtype=np.int64)
     logprob_array = None
-    if has_logprob:
-        logprob_array = np.array([np.nan if lp is None else lp for lp in logprobs], dtype=np.float64)
+    if records.logprobs is not None:
+        logprob_array = np.array([np.nan if lp is None else lp for lp in records.logprobs], dtype=np.float64)
     return StringTable(tokens=tokens, classes=class_array, logprobs=logprob_array)
-
-
-def _record_line_numbers(path: Path, fmt: str, count: int) -> list[int]:
-    """1-based line (or row) number of each record, skipping blank lines in text formats."""
-    if fmt == "parquet":
-        return list(range(1, count + 1))
-    numbers = []
-    with open(path, encoding="utf-8") as handle:
-        for i, line in enumerate(handle, start=1):
-            if line.strip():
-                numbers.append(i)
-    return numbers
 
 
 def write_strings(

@@ -137,7 +137,9 @@ def audit(
     density_k: int = typer.Option(5, "--density-k", help="Neighbours for the density prototypicality score."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Outputs per batch (bounds memory)."),
     max_image_pixels: int = typer.Option(
-        defaults.MAX_IMAGE_PIXELS, "--max-image-pixels", help="Images: refuse images declaring more pixels."
+        None,
+        "--max-image-pixels",
+        help="Images: refuse images declaring more pixels [default: $PROTOMEM_MAX_IMAGE_PIXELS or 67108864].",
     ),
     resize: bool = typer.Option(False, "--resize", help="Images: resize every image to the training size."),
     lowercase: bool = typer.Option(False, "--lowercase", help="Text: compare lower-cased words."),
@@ -150,7 +152,9 @@ def audit(
     """Audit a model's outputs (token sequences, text or images) for copies of its training data."""
     from protomem.audit.core import AuditConfig
     from protomem.audit.run import run_audit
+    from protomem.outputs import check_output_dir
 
+    check_output_dir(out, overwrite=overwrite, inputs=[train, generated, grammar])
     if threads is not None:
         set_threads(threads, torch_too=embedder is not None)
     config = AuditConfig.make(

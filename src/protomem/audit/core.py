@@ -142,7 +142,7 @@ class AuditConfig(BaseModel):
     density_sample: int = Field(1000, ge=2)  # copies and random reference items used for the verdict
     density_budget: float = Field(2e10, gt=0)  # token comparisons allowed for the Hamming neighbours
     batch_size: int = Field(1024, ge=1)
-    max_image_pixels: int = Field(defaults.MAX_IMAGE_PIXELS, ge=1)
+    max_image_pixels: int | None = Field(None, ge=1)
     resize: bool = False
     lowercase: bool = False
     seed: int = 0

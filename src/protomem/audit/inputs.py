@@ -17,8 +17,9 @@ at the very end; folders are read in natural order (``2.png`` before ``10.png``)
 1-based), ``row N`` (Parquet; 1-based) or ``index i`` (arrays; 0-based).
 
 Limits, checked before anything is allocated: an image may declare at most ``max_pixels`` pixels
-(:data:`DEFAULT_MAX_IMAGE_PIXELS`, raised with ``--max-image-pixels``; read from the file's header,
-never decoded first), and the training images must fit in the memory available (:func:`require_memory`).
+(:data:`protomem.limits.IMAGE_PIXELS`, raised with ``--max-image-pixels`` or
+``PROTOMEM_MAX_IMAGE_PIXELS``; read from the file's header, never decoded first), and the training
+images must fit in the memory available (:func:`require_memory`).
 
 Images become float32 (N, H, W, C) in [0, 1]; grey and colour mix by promoting grey to RGB; an alpha
 channel is dropped. Different sizes are an error unless ``resize`` is given (then every image is
@@ -40,14 +41,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from protomem.audit import defaults
+from protomem import limits
 from protomem.errors import ProtomemError
-from protomem.io import jsonl_objects, jsonl_records, utf8_lines
+from protomem.io import jsonl_objects, jsonl_records
+from protomem.textio import text_lines
 
 MODALITIES = ("sequences", "text", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz")
-DEFAULT_MAX_IMAGE_PIXELS = defaults.MAX_IMAGE_PIXELS
 T = TypeVar("T")
 
 
@@ -215,7 +216,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     Decoded line by line, so a byte that is not UTF-8 is an error naming its line.
     """
     pending: list[tuple[int, str]] = []  # blank lines held back until a non-blank one follows
-    for number, line in utf8_lines(path):
+    for number, line in text_lines(path):
         if not line.strip():
             pending.append((number, line.rstrip("\r\n")))
             continue
@@ -264,6 +265,7 @@ def labelled_sequences(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
         where = f"{unit} {number}"
         if row is None or len(row) == 0:
             raise ProtomemError("empty sequence", path=path, where=where)
+        limits.STRING_TOKENS.check(len(row), "sequence", path=path, where=where)
         try:
             values = [int(t) if not isinstance(t, (bool, float)) else _bad_token(t) for t in row]
         except (ValueError, TypeError):
@@ -346,32 +348,39 @@ def labelled_documents(path: str | Path) -> Iterator[tuple[str, str]]:
     """(source, document) for every plain-text document: one per line of a .txt file (a blank line is an
     empty document), one per .txt file in a folder (natural order), or a ``text`` column of Parquet /
     jsonl (a null is an empty document). Raises ProtomemError("no documents") at the end if there were
-    none.
+    none, and names the document whose whitespace tokens exceed :data:`protomem.limits.STRING_TOKENS`.
     """
     path = Path(path)
     seen = 0
+    for file, source, document in _located_documents(path):
+        where = None if file != path else source
+        limits.STRING_TOKENS.check(len(document.split()), "document", path=file, where=where)
+        seen += 1
+        yield source, document
+    if seen == 0:
+        raise ProtomemError("no documents", path=path)
+
+
+def _located_documents(path: Path) -> Iterator[tuple[Path, str, str]]:
+    """(file, source label, document) for every document of :func:`labelled_documents`."""
     if path.is_dir():
         for file in _text_files(path):
             try:
                 document = file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ProtomemError(f"unreadable text file ({exc})", path=file) from None
-            seen += 1
-            yield file.name, document
+            yield file, file.name, document
     elif _is_parquet(path):
         for number, document in _parquet_column(path, "text"):
-            seen += 1
-            yield f"row {number}", document or ""
+            if document is not None and not isinstance(document, str):
+                raise ProtomemError("the 'text' column must hold strings", path=path, where=f"row {number}")
+            yield path, f"row {number}", document or ""
     elif _is_jsonl(path):
         for number, record in jsonl_records(path, "text", str):
-            seen += 1
-            yield f"line {number}", record["text"]
+            yield path, f"line {number}", record["text"]
     else:
         for number, line in _text_lines(path):
-            seen += 1
-            yield f"line {number}", line
-    if seen == 0:
-        raise ProtomemError("no documents", path=path)
+            yield path, f"line {number}", line
 
 
 def iter_documents(path: str | Path) -> Iterator[str]:
@@ -473,7 +482,7 @@ class ImageSource:
     count: int
     native_shapes: set[tuple[int, int, int]] = field(default_factory=set)
     shape: tuple[int, int, int] = (0, 0, 0)
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_pixels: int | None = None
     _array: np.ndarray | None = None
     _scale: tuple[float, float] | None = None
 
@@ -554,12 +563,19 @@ class ImageSource:
         require_memory(values * bytes_per_value, f"{self.count:,} {what} of {self.shape}", self.path)
 
 
-def _open_image(file: Path, max_pixels: int):
+def pixel_limit(max_pixels: int | None) -> int:
+    """The pixels an image may declare: ``max_pixels`` if given (``--max-image-pixels``), else
+    :data:`protomem.limits.IMAGE_PIXELS` (``PROTOMEM_MAX_IMAGE_PIXELS`` or its default)."""
+    return int(max_pixels) if max_pixels is not None else limits.IMAGE_PIXELS.value()
+
+
+def _open_image(file: Path, max_pixels: int | None):
     """A PIL image opened lazily (header only), refused if it declares more than ``max_pixels`` pixels.
 
     PIL's own decompression-bomb check is replaced by this one for the call, so the error names the
     declared size and the limit the user can raise.
     """
+    max_pixels = pixel_limit(max_pixels)
     from PIL import Image, UnidentifiedImageError
 
     pil_limit = Image.MAX_IMAGE_PIXELS
@@ -574,13 +590,13 @@ def _open_image(file: Path, max_pixels: int):
         image.close()
         raise ProtomemError(
             f"image declares {image.width}x{image.height} pixels, more than the limit of {max_pixels:,} "
-            "(raise it with --max-image-pixels)",
+            "(raise it with --max-image-pixels or PROTOMEM_MAX_IMAGE_PIXELS)",
             path=file,
         )
     return image
 
 
-def _read_image_file(file: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def _read_image_file(file: Path, max_pixels: int | None = None) -> np.ndarray:
     """(H, W, C) float32 in [0, 1], C = 1 (grey) or 3; the size is checked before decoding."""
     try:
         with _open_image(file, max_pixels) as img:
@@ -595,7 +611,7 @@ def _read_image_file(file: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     return _to_unit_float(_with_channels(array[None], file)[0], file)
 
 
-def _peek_shape(file: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int, int]:
+def _peek_shape(file: Path, max_pixels: int | None = None) -> tuple[int, int, int]:
     """(H, W, C) of an image file from its header (C = 1 grey, 3 colour), within the pixel limit."""
     with _open_image(file, max_pixels) as img:
         grey = img.mode in ("1", "L", "I", "I;16", "F", "LA")
@@ -634,9 +650,10 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
         raise ProtomemError(f"unreadable array file ({reason})", path=path) from None
 
 
-def open_images(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSource:
+def open_images(path: str | Path, max_pixels: int | None = None) -> ImageSource:
     """An :class:`ImageSource` for a folder of image files, an image file, or a .npy / .npz array
     (``file.npz:key`` names one array of an archive); checked, not yet read."""
+    max_pixels = pixel_limit(max_pixels)
     path, key = split_array_key(path)
     if path.is_dir():
         files = sorted(
@@ -663,7 +680,7 @@ def open_images(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     if array.shape[1] * array.shape[2] > max_pixels:
         raise ProtomemError(
             f"images of {array.shape[1]}x{array.shape[2]} pixels, more than the limit of {max_pixels:,} "
-            "(raise it with --max-image-pixels)",
+            "(raise it with --max-image-pixels or PROTOMEM_MAX_IMAGE_PIXELS)",
             path=path,
         )
     channels = array.shape[-1]

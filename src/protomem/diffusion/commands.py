@@ -52,13 +52,18 @@ def train(
     """Train a discrete diffusion model on a file of equal-length token strings."""
     import numpy as np
 
-    from protomem.diffusion.config import config_from_dict, load_config
-    from protomem.diffusion.models import build_model, count_parameters
+    from protomem import limits
+    from protomem.diffusion.config import config_from_dict
+    from protomem.diffusion.models import check_model_size
     from protomem.diffusion.processes import build_process
     from protomem.diffusion.trainer import train as train_run
-    from protomem.io import read_strings
+    from protomem.io import is_non_empty_dir, read_strings
+    from protomem.outputs import check_output_dir
+    from protomem.textio import load_yaml
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (resume or overwrite):
+    # Everything is checked before the run directory is touched: a refused run leaves no trace.
+    check_output_dir(out, overwrite=overwrite and not resume, inputs=[data, config, grammar])
+    if is_non_empty_dir(out) and not (resume or overwrite):
         raise ProtomemError("run directory exists and is not empty (pass --resume or --overwrite)", path=out)
     overrides = {
         "process": None if process is None else process.value,
@@ -82,12 +87,16 @@ def train(
         vocab_size, branching, n_classes = rhm.vocab_size, rhm.branching, rhm.n_classes
     table = read_strings(data, vocab_size=vocab_size)
     tokens = table.tokens
+    if vocab_size is None:
+        limits.VOCAB.check(int(tokens.max()) + 1, "vocabulary (largest token + 1)", path=data)
     classes = None
     if conditional:
         if table.classes is None or (table.classes < 0).any():
             raise ProtomemError("--conditional needs a class for every string", path=data)
         classes = table.classes
-        n_classes = n_classes if n_classes is not None else int(classes.max()) + 1
+        if n_classes is None:
+            limits.VOCAB.check(int(classes.max()) + 1, "classes (largest class + 1)", path=data)
+            n_classes = int(classes.max()) + 1
     inferred = {
         "vocab_size": vocab_size if vocab_size is not None else int(tokens.max()) + 1,
         "seq_len": tokens.shape[1],
@@ -95,20 +104,26 @@ def train(
     }
     if branching is not None:
         inferred["branching"] = branching
+    doc = {}
     if config is not None:
-        import yaml
+        doc = load_yaml(config, "config file")
+        doc = {} if doc is None else doc
+        if not isinstance(doc, dict):
+            raise ProtomemError("a diffusion config must be a mapping of field: value", path=config)
+    fields = {**inferred, **doc, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = config_from_dict(fields, path=config)
+    if int(tokens.max()) >= cfg.vocab_size:
+        raise ProtomemError(f"holds token {int(tokens.max())}, beyond vocab_size {cfg.vocab_size}", path=data)
+    n_params = check_model_size(cfg, build_process(cfg).n_input_tokens)
 
-        doc = yaml.safe_load(config.read_text(encoding="utf-8")) if config.is_file() else None
-        base = {k: v for k, v in inferred.items() if not (isinstance(doc, dict) and k in doc)}
-        cfg = load_config(config, **base, **overrides)
-    else:
-        cfg = config_from_dict({**inferred, **{k: v for k, v in overrides.items() if v is not None}})
-    n_params = count_parameters(build_model(cfg, build_process(cfg).n_input_tokens))
-    console.print(
-        f"training {cfg.model} (width {cfg.width}, {n_params:,} parameters), {cfg.process} process, "
-        f"{len(tokens)} strings of {cfg.seq_len} tokens, {cfg.steps} steps on "
-        f"{device_label(resolve_device(cfg.device))} -> {out}"
-    )
+    def announce(start_step: int) -> None:
+        resumed = f", resuming at step {start_step}" if start_step else ""
+        console.print(
+            f"training {cfg.model} (width {cfg.width}, {n_params:,} parameters), {cfg.process} process, "
+            f"{len(tokens)} strings of {cfg.seq_len} tokens, {cfg.steps} steps{resumed} on "
+            f"{device_label(resolve_device(cfg.device))} -> {out}"
+        )
+
     result = train_run(
         cfg,
         np.asarray(tokens),
@@ -117,6 +132,7 @@ def train(
         overwrite=overwrite,
         progress=not quiet,
         classes=classes,
+        on_start=announce,
     )
     console.print(
         f"done: step {result.step}, loss {result.final_loss:.4f}, {result.seconds:.1f} s, "
@@ -134,24 +150,33 @@ def sample(
     batch_size: int = typer.Option(512, "--batch-size", help="Sequences denoised at once."),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: torch's)."),
     device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES} (auto: CUDA if present)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Draw strings from a trained checkpoint (same file format as `protomem grammar sample`)."""
     import numpy as np
     import torch
 
+    from protomem import limits
     from protomem.diffusion.checkpoint import load_checkpoint
     from protomem.diffusion.sampling import generate, seeded_generator
     from protomem.io import string_format_of, write_strings
+    from protomem.outputs import check_output_file
 
     if count < 1:
         raise ProtomemError(f"--count must be at least 1, got {count}")
     if batch_size < 1:
         raise ProtomemError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 1 << 63:
+        raise ProtomemError(f"--seed must lie in [0, 2^63), got {seed}")
+    if threads is not None and threads < 1:
+        raise ProtomemError(f"--threads must be at least 1, got {threads}")
     string_format_of(out)  # refuse a bad extension before the work
+    check_output_file(out, overwrite=overwrite)
     target = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     loaded = load_checkpoint(run, step, device=target)
+    limits.TOTAL_TOKENS.check(count * loaded.config.seq_len, "--count x sequence length")
     classes = None
     if loaded.config.n_classes > 0:
         generator = seeded_generator(seed, 1)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 # Fields that may differ between a run and its resumption: the thread count (a float summation order)
 # and the device (a run started on one device can continue on another: checkpoints are device-free).
 RESUME_FREE_FIELDS = frozenset({"threads", "device"})
+# Seeds are stored as int64 (Parquet, DuckDB) and fed to torch and numpy: 0 .. 2^63 - 1.
+MAX_SEED = (1 << 63) - 1
 
 
 class DiffusionConfig(BaseModel):
@@ -38,7 +40,7 @@ class DiffusionConfig(BaseModel):
     (needs ``seq_len == branching ** k``) or ``"transformer"``.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # data
     vocab_size: int = Field(ge=2, description="Tokens are 0..vocab_size-1.")
@@ -67,7 +69,7 @@ class DiffusionConfig(BaseModel):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float | None = Field(1.0, gt=0.0, description="Max global gradient norm; None = off.")
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="EMA of weights; None = off.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # evaluation
     eval_steps: list[int] | None = Field(
         None, description="Explicit evaluation steps (the final step is added)."
@@ -110,6 +112,7 @@ class DiffusionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> DiffusionConfig:
+        _check_sizes(self)
         if self.model == "tree_unet":
             depth = tree_depth(self.seq_len, self.branching)
             if depth is None:
@@ -174,6 +177,23 @@ class DiffusionConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def _check_sizes(config: DiffusionConfig) -> None:
+    """The sizes a config asks for, against the limits of :mod:`protomem.limits` (before any allocation)."""
+    from protomem import limits
+
+    limits.VOCAB.check(config.vocab_size, "vocab_size")
+    limits.VOCAB.check(config.n_classes, "n_classes")
+    limits.STRING_TOKENS.check(config.seq_len, "seq_len")
+    limits.TIMESTEPS.check(config.timesteps, "timesteps")
+    limits.TIMESTEPS.check(config.sampling_steps or 0, "sampling_steps")
+    limits.LAYERS.check(config.n_layers, "n_layers")
+    limits.LAYERS.check(config.blocks_per_level, "blocks_per_level")
+    limits.EVALUATIONS.check(config.n_evals, "n_evals")
+    limits.EVALUATIONS.check(len(config.eval_steps or ()), "eval_steps")
+    for name in ("batch_size", "eval_samples"):
+        limits.TOTAL_TOKENS.check(getattr(config, name) * config.seq_len, f"{name} x seq_len")
 
 
 def tree_depth(seq_len: int, branching: int) -> int | None:

@@ -371,8 +371,28 @@ class Transformer(nn.Module):
 
 
 def build_model(config: DiffusionConfig, n_input_tokens: int) -> nn.Module:
-    """The denoiser named by ``config.model``, on the CPU, initialised from the global torch RNG (the same
-    initial weights whatever device it later moves to)."""
+    """The denoiser named by ``config.model``, on the CPU, initialised from the global torch RNG (the
+    same initial weights whatever device it later moves to).
+
+    Its size is checked first against :data:`protomem.limits.MODEL_PARAMETERS` (on the meta device, so a
+    config asking for a trillion parameters is refused without allocating them).
+    """
+    check_model_size(config, n_input_tokens)
+    return _build(config, n_input_tokens)
+
+
+def check_model_size(config: DiffusionConfig, n_input_tokens: int) -> int:
+    """Parameters of the denoiser ``config`` describes (counted without allocating any), or a one-line
+    error if over the limit."""
+    from protomem import limits
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        count = count_parameters(_build(config, n_input_tokens))
+    limits.MODEL_PARAMETERS.check(count, f"a {config.model} of width {config.width}")
+    return count
+
+
+def _build(config: DiffusionConfig, n_input_tokens: int) -> nn.Module:
     if config.model == "tree_unet":
         return TreeUNet(
             config.vocab_size,

@@ -32,8 +32,7 @@ from protomem.diffusion.checkpoint import (
     checkpoint_dir,
     drop_optimizer_state,
     latest_step,
-    load_optimizer,
-    load_weights,
+    load_training_state,
     mark_latest,
     read_state,
     remove_checkpoint,
@@ -45,7 +44,9 @@ from protomem.diffusion.models import build_model, count_parameters
 from protomem.diffusion.processes import NoiseProcess, build_process
 from protomem.diffusion.sampling import precision_context, sample_tokens, seeded_generator
 from protomem.errors import ProtomemError
-from protomem.io import atomic_path, write_text_atomic
+from protomem.io import atomic_path, make_dirs, write_text_atomic
+from protomem.outputs import check_dir_target
+from protomem.textio import require_inside
 
 EvalCallback = Callable[[int, np.ndarray, dict[str, Any]], None]
 TRAIN_STREAM = 0
@@ -234,12 +235,22 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
         pq.write_table(table, tmp)
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+def _read_metrics(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """The metrics rows of a run being resumed, up to its checkpoint's step (checked: a corrupt table
+    is a one-line error)."""
     import pyarrow.parquet as pq
 
-    if not path.is_file():
+    path = run_dir / "metrics.parquet"
+    if not path.exists():
         return []
-    rows = pq.read_table(path).to_pylist()
+    columns = ["step", "loss", "lr", "seconds", "samples_per_second", "eval"]
+    try:
+        rows = pq.read_table(require_inside(run_dir, path), columns=columns).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for a corrupt file or missing columns
+        detail = " ".join(str(exc).split())[:200]
+        raise ProtomemError(f"not a readable metrics table ({detail})", path=path) from None
+    if not all(isinstance(row["step"], int) for row in rows):
+        raise ProtomemError("metrics table has rows without a step", path=path)
     return [row for row in rows if row["step"] <= up_to_step]
 
 
@@ -263,6 +274,7 @@ def train(
     progress: bool = True,
     classes: np.ndarray | None = None,
     overwrite: bool = False,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a denoiser on ``data`` (P, seq_len) int64, writing checkpoints and metrics to ``run_dir``.
 
@@ -278,6 +290,8 @@ def train(
         classes: (P,) root classes, required when config.n_classes > 0.
         resume: continue from the latest checkpoint in run_dir (start fresh if there is none).
         overwrite: replace an existing run directory instead of refusing it.
+        on_start: called with the first step to train once everything (data, run directory, the
+            checkpoint to resume) has been checked and training begins; nothing is written before.
     """
     if isinstance(config, dict):
         config = config_from_dict(config)
@@ -286,19 +300,30 @@ def train(
     device = resolve_device(config.device)
     if config.device != str(device):  # record the device actually used
         config = DiffusionConfig(**{**config.model_dump(), "device": str(device)})
+    check_dir_target(run_dir, overwrite=overwrite and not resume)
     start_step, state = 0, None
     resume_from = latest_step(run_dir) if resume and run_dir.is_dir() else None
     if resume_from is not None:
         state = read_state(checkpoint_dir(run_dir, resume_from), with_optimizer=True)
         _check_resume_config(state["config"], config, checkpoint_dir(run_dir, resume_from) / "state.json")
         start_step = resume_from
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not resume:
-        if not overwrite:
+    trainer = Trainer(config, tokens, class_tensor, device)
+    if state is not None:  # every tensor is checked before anything is written
+        directory = checkpoint_dir(run_dir, start_step)
+        load_training_state(directory, state, trainer.model, trainer.ema_model, trainer.optimizer)
+        _read_metrics(run_dir, start_step)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        if resume and not (run_dir / "config.yaml").is_file():
+            raise ProtomemError(
+                "nothing to resume: not a protomem run directory (no config.yaml)", path=run_dir
+            )
+        if not resume and not overwrite:
             raise ProtomemError(
                 "run directory exists and is not empty (resume it, or overwrite)", path=run_dir
             )
-        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            shutil.rmtree(run_dir)
+    make_dirs(run_dir)
     write_text_atomic(run_dir / "config.yaml", config.to_yaml())
 
     threads = config.threads or (state or {}).get("threads")
@@ -308,26 +333,15 @@ def train(
         threads = probe_threads(config, tokens, class_tensor) if device.type == "cpu" else previous_threads
     torch.set_num_threads(int(threads))
     try:
-        return _train_loop(
-            config,
-            tokens,
-            class_tensor,
-            run_dir,
-            state,
-            start_step,
-            int(threads),
-            device,
-            eval_callback,
-            progress,
-        )
+        if on_start is not None:
+            on_start(start_step)
+        return _train_loop(trainer, run_dir, state, start_step, int(threads), device, eval_callback, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train_loop(
-    config: DiffusionConfig,
-    tokens: torch.Tensor,
-    class_tensor: torch.Tensor | None,
+    trainer: Trainer,
     run_dir: Path,
     state: dict[str, Any] | None,
     start_step: int,
@@ -336,7 +350,8 @@ def _train_loop(
     eval_callback: EvalCallback | None,
     progress: bool,
 ) -> TrainResult:
-    trainer = Trainer(config, tokens, class_tensor, device)
+    """Train from ``start_step`` (the trainer already holds the resumed weights and optimizer state)."""
+    config = trainer.config
     n_parameters = count_parameters(trainer.model)
     metrics_path = run_dir / "metrics.parquet"
     rows: list[dict[str, Any]] = []
@@ -344,19 +359,10 @@ def _train_loop(
     eval_losses: list[float] = []
     log_losses: list[float] = []
     if state is not None:
-        directory = checkpoint_dir(run_dir, start_step)
-        tensors_path = directory / "model.safetensors"
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(tensors_path))  # on the CPU; load_weights copies into the device's model
-        load_weights(trainer.model, tensors, "model", tensors_path)
-        if trainer.ema_model is not None:
-            load_weights(trainer.ema_model, tensors, "ema", tensors_path)
-        load_optimizer(trainer.optimizer, directory, state)
         seconds_before = float(state["seconds"])
         eval_losses = list(state["eval_losses"])
         log_losses = list(state["log_losses"])
-        rows = _read_metrics(metrics_path, start_step)
+        rows = _read_metrics(run_dir, start_step)
     eval_steps = config.resolved_eval_steps()
     eval_set = set(eval_steps)
     log_every = config.resolved_log_every()

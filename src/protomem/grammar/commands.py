@@ -49,11 +49,16 @@ def sample(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
     """Draw a grammar and strings from it: writes OUT/grammar.json and OUT/strings.parquet|jsonl."""
+    from protomem import limits
     from protomem.grammar import sample_distinct_strings, sample_grammar, sample_strings, save_grammar
     from protomem.io import new_output_dir, write_strings
+    from protomem.outputs import check_output_dir
 
     if count < 1:
         raise ProtomemError(f"--count must be at least 1, got {count}")
+    if not 0 <= seed < 1 << 63:
+        raise ProtomemError(f"--seed must lie in [0, 2^63), got {seed}")
+    check_output_dir(out, overwrite=overwrite)
     grammar = sample_grammar(
         vocab,
         classes,
@@ -64,6 +69,7 @@ def sample(
         zipf_exponent=zipf,
         zipf_levels=parse_levels(zipf_levels),
     )
+    limits.TOTAL_TOKENS.check(count * grammar.length, "--count x string length")
     # The strings use a stream independent of the grammar's, so changing --count keeps the grammar.
     string_seed = np.random.SeedSequence([seed, 1])
     draw = sample_distinct_strings if distinct else sample_strings
@@ -81,16 +87,20 @@ def check(
     grammar_path: Path = typer.Option(..., "--grammar", help="grammar.json"),
     strings_path: Path = typer.Option(..., "--strings", help="Strings: .parquet, .jsonl or .txt"),
     out: Path = typer.Option(None, "--out", help="Per-string results (.parquet or .jsonl)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Parse strings: print the valid fraction per level; with --out, write per-string results."""
     from rich.table import Table
 
     from protomem.grammar import load_grammar, parse, valid_fraction_per_level
     from protomem.io import read_strings, string_format_of
+    from protomem.outputs import check_output_file
 
+    if out is not None:
+        if string_format_of(out) not in ("parquet", "jsonl"):
+            raise ProtomemError("--out must end in .parquet or .jsonl", path=out)
+        check_output_file(out, overwrite=overwrite, inputs=[grammar_path, strings_path])
     grammar = load_grammar(grammar_path)
-    if out is not None and string_format_of(out) not in ("parquet", "jsonl"):
-        raise ProtomemError("--out must end in .parquet or .jsonl", path=out)
     table = read_strings(strings_path, vocab_size=grammar.vocab_size, length=grammar.length)
     result = parse(grammar, table.tokens)
     fractions = valid_fraction_per_level(result)

@@ -16,12 +16,10 @@ Example (v=2, n=1, m=2, s=2, L=2) — a string of 4 tokens and its tree::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -137,7 +135,24 @@ def check_parameters(
             raise ProtomemError(f"{name} must be a positive integer, got {value!r}")
     if branching < 2:
         raise ProtomemError(f"branching must be at least 2, got {branching}")
+    from protomem import limits
+
+    limits.VOCAB.check(vocab_size, "vocab_size")
+    limits.VOCAB.check(n_classes, "n_classes")
+    # s^L and v^s are compared on a log scale first: computing them for a huge exponent never ends
+    if depth * math.log2(branching) > 62:
+        raise ProtomemError(
+            f"strings of branching**depth = {branching}**{depth} tokens exceed the limit of "
+            f"{limits.STRING_TOKENS.value():,} tokens (raise it with {limits.STRING_TOKENS.env}=N)"
+        )
+    limits.STRING_TOKENS.check(branching**depth, "string length branching**depth")
+    if branching * math.log2(vocab_size) > 62:
+        raise ProtomemError(
+            f"vocab_size**branching = {vocab_size}**{branching} tuples exceed the limit of "
+            f"{limits.GRAMMAR_TUPLES.value():,} (raise it with {limits.GRAMMAR_TUPLES.env}=N)"
+        )
     n_tuples = vocab_size**branching
+    limits.GRAMMAR_TUPLES.check(n_tuples, "vocab_size**branching (tuples per level)")
     if n_classes * rules_per_symbol > n_tuples:
         raise ProtomemError(
             f"impossible grammar: n_classes*rules_per_symbol = {n_classes}*{rules_per_symbol} = "
@@ -149,10 +164,6 @@ def check_parameters(
             f"impossible grammar: vocab_size*rules_per_symbol = {vocab_size}*{rules_per_symbol} = "
             f"{vocab_size * rules_per_symbol} exceeds the {n_tuples} distinct {branching}-tuples of "
             f"{vocab_size} symbols"
-        )
-    if n_tuples > 1 << 24:
-        raise ProtomemError(
-            f"vocab_size**branching = {n_tuples} is too large (at most 2**24 tuples per level)"
         )
 
 
@@ -244,8 +255,8 @@ def grammar_from_dict(doc: object, path: str | os.PathLike | None = None) -> RHM
         ints[k] for k in ("vocab_size", "n_classes", "rules_per_symbol", "branching", "depth")
     )
     exponent = doc.get("zipf_exponent", 0.0)
-    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or exponent < 0:
-        raise fail(f"must be a number >= 0, got {exponent!r}", "zipf_exponent")
+    if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not 0 <= exponent < math.inf:
+        raise fail(f"must be a finite number >= 0, got {exponent!r}", "zipf_exponent")
     zipf_levels = doc.get("zipf_levels")
     if zipf_levels is not None and (
         not isinstance(zipf_levels, list)
@@ -310,16 +321,9 @@ def grammar_from_dict(doc: object, path: str | os.PathLike | None = None) -> RHM
 
 def load_grammar(path: str | os.PathLike) -> RHM:
     """Read and validate ``grammar.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProtomemError("no such file", path=path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ProtomemError(f"malformed JSON ({exc.msg})", path=path, where=f"line {exc.lineno}") from None
-    except UnicodeDecodeError:
-        raise ProtomemError("not a UTF-8 text file", path=path) from None
-    return grammar_from_dict(doc, path=path)
+    from protomem.textio import load_json
+
+    return grammar_from_dict(load_json(path, "grammar file"), path=path)
 
 
 def save_grammar(grammar: RHM, path: str | os.PathLike) -> None:

@@ -78,6 +78,9 @@ def study(
     run_dir = Path(resume) if resume is not None else out
     if run_dir is None:
         run_dir = Path("runs") / time.strftime("study-%Y%m%d-%H%M%S", time.gmtime())
+    from protomem.outputs import check_output_dir
+
+    check_output_dir(run_dir, overwrite=overwrite and resume is None)
     if modality == Modality.images:
         from protomem.study.images import run_image_study
 

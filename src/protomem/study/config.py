@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from protomem.diffusion.config import DiffusionConfig, validation_message
+from protomem.diffusion.config import MAX_SEED, DiffusionConfig, validation_message
 from protomem.errors import ProtomemError
 
 # DiffusionConfig fields the study sets itself (from the grammar and evaluation sections).
@@ -33,7 +33,7 @@ DERIVED_DIFFUSION_FIELDS = (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class GrammarSection(_Section):
@@ -46,14 +46,14 @@ class GrammarSection(_Section):
     depth: int = Field(3, ge=1)
     zipf_exponent: float = Field(1.0, ge=0.0, description="0 = uniform rule probabilities.")
     zipf_levels: list[int] | None = Field(None, description="Levels with Zipf rules; None = all levels.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class DataSection(_Section):
     """The training set: P distinct strings drawn from the grammar."""
 
     n_train: int = Field(128, ge=2, description="P, distinct training strings.")
-    seed: int = Field(1, ge=0)
+    seed: int = Field(1, ge=0, le=MAX_SEED)
     class_conditional: bool = Field(False, description="Train a class-conditional model.")
     design: Literal["random", "matched"] = Field(
         "random",
@@ -96,7 +96,7 @@ class AnalysisSection(_Section):
         20_000, ge=100, description="Fresh grammar samples to estimate bin mass."
     )
     alpha: float = Field(0.01, gt=0.0, lt=1.0, description="Significance level of the verdict.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     heldout_matches: int = Field(
         8, ge=1, description="Held-out strings of the same class and nearest log p(x) matched to each string."
     )
@@ -116,7 +116,9 @@ def _diffusion_settings_model() -> type[BaseModel]:
         if name not in DERIVED_DIFFUSION_FIELDS
     }
     return create_model(  # type: ignore[call-overload]
-        "DiffusionSettings", __config__=ConfigDict(extra="forbid", validate_assignment=True), **fields
+        "DiffusionSettings",
+        __config__=ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False),
+        **fields,
     )
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from protomem.errors import ProtomemError
 from protomem.io import atomic_path, write_json_atomic, write_text_atomic
+from protomem.outputs import apply_umask_modes
 
 
 @dataclass(frozen=True)
@@ -133,28 +134,40 @@ def _versions() -> dict[str, str]:
     }
 
 
+CHECKPOINT_FORMAT = "protomem.image-study-checkpoint/1"
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
+
+
 def _save_checkpoint(run: Path, model, optimizer, generator, step: int, losses: list[float]) -> None:
-    import torch
+    """run/checkpoint/: weights and AdamW tensors as safetensors, the rest (step, losses, optimizer
+    hyperparameters, generator state, sha256 of the tensor files) in state.json. No pickle."""
+    import base64
+
     from safetensors.torch import save_file
+
+    from protomem.diffusion.checkpoint import sha256_of
+    from protomem.diffusion.tensor_files import save_optimizer
 
     final = run / "checkpoint"
     staging = run / ".checkpoint.partial"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    save_file(
+    save_file(  # CPU copies: the checkpoint does not depend on the device
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         str(staging / "model.safetensors"),
     )
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "step": step,
-            "losses": torch.tensor(losses, dtype=torch.float64),
-        },
-        staging / "state.pt",
-    )
+    groups = save_optimizer(optimizer, staging / "optimizer.safetensors", {"format": CHECKPOINT_FORMAT})
+    doc = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "losses": losses,
+        "optimizer_param_groups": groups,
+        "generator_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii"),
+        "files": {name: sha256_of(staging / name) for name in _CHECKPOINT_FILES},
+    }
+    write_json_atomic(staging / "state.json", doc)
+    apply_umask_modes(staging)
     old = run / ".checkpoint.old"
     if final.exists():
         os.replace(final, old)
@@ -163,21 +176,89 @@ def _save_checkpoint(run: Path, model, optimizer, generator, step: int, losses: 
         shutil.rmtree(old)
 
 
-def _load_checkpoint(run: Path, model, optimizer, generator) -> tuple[int, list[float]]:
-    import torch
-    from safetensors.torch import load_file
+def _read_checkpoint_state(run: Path) -> dict:
+    """run/checkpoint/state.json, checked: our format, paths inside the run, intact tensor files, a step
+    count and a list of finite-or-NaN losses as long as the step count."""
+    from protomem.diffusion.checkpoint import sha256_of
+    from protomem.textio import load_json, require_inside
 
-    # read on the CPU; load_state_dict copies into the model's device, the optimizer moves its state there
-    model.load_state_dict(load_file(str(run / "checkpoint" / "model.safetensors")))
-    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    return int(state["step"]), state["losses"].tolist()
+    directory = run / "checkpoint"
+    if (directory / "state.pt").exists() and not (directory / "state.json").exists():
+        raise ProtomemError(
+            "checkpoint written by an older protomem (state.pt, a pickle, is not read): "
+            "start the run again with --overwrite",
+            path=directory,
+        )
+    path = require_inside(run, directory / "state.json")
+    doc = load_json(path, "checkpoint state")
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise ProtomemError(
+            f"not an image-study checkpoint (expected format {CHECKPOINT_FORMAT!r})", path=path
+        )
+    step, losses, files = doc.get("step"), doc.get("losses"), doc.get("files")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ProtomemError("corrupt checkpoint state: 'step' must be a count", path=path)
+    if (
+        not isinstance(losses, list)
+        or len(losses) != step
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses)
+    ):
+        raise ProtomemError("corrupt checkpoint state: 'losses' must hold one number per step", path=path)
+    if not isinstance(files, dict) or set(files) != set(_CHECKPOINT_FILES):
+        raise ProtomemError(
+            f"corrupt checkpoint state: 'files' must list {list(_CHECKPOINT_FILES)}", path=path
+        )
+    for name, digest in files.items():
+        file = require_inside(run, directory / name)
+        if not file.is_file() or sha256_of(file) != digest:
+            raise ProtomemError("checkpoint file missing or corrupt (sha256 does not match)", path=file)
+    if not isinstance(doc.get("generator_state"), str):
+        raise ProtomemError("corrupt checkpoint state: 'generator_state' missing", path=path)
+    return doc
+
+
+def _load_checkpoint(run: Path, model, optimizer, generator) -> tuple[int, list[float]]:
+    """Restore model, optimizer and generator from run/checkpoint (every tensor checked first)."""
+    import base64
+    import binascii
+
+    import torch
+
+    from protomem.diffusion.tensor_files import load_optimizer, load_tensors, load_weights
+
+    doc = _read_checkpoint_state(run)
+    directory = run / "checkpoint"
+    weights = directory / "model.safetensors"
+    load_weights(model, {f"model.{k}": v for k, v in load_tensors(weights).items()}, "model", weights)
+    load_optimizer(
+        optimizer,
+        directory / "optimizer.safetensors",
+        doc["optimizer_param_groups"],
+        directory / "state.json",
+    )
+    expected = generator.get_state()
+    try:
+        raw = base64.b64decode(doc["generator_state"], validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != expected.numel():
+        raise ProtomemError("corrupt checkpoint state: bad 'generator_state'", path=directory / "state.json")
+    generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    return doc["step"], [float(v) for v in doc["losses"]]
 
 
 def _read_evals(run: Path) -> list[dict]:
+    from protomem.textio import load_json, require_inside
+
     path = run / "evals.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    if not path.exists():
+        return []
+    evals = load_json(require_inside(run, path), "evaluation record")
+    if not isinstance(evals, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("step"), int) for e in evals
+    ):
+        raise ProtomemError("corrupt evaluation record (expected a list of evaluations)", path=path)
+    return evals
 
 
 def run_image_study(
@@ -203,6 +284,9 @@ def run_image_study(
     settings = get_image_preset(preset)
     target = resolve_device(device or "auto")
     run = Path(out_dir)
+    from protomem.outputs import check_dir_target
+
+    check_dir_target(run, overwrite=overwrite)
     if run.exists() and any(run.iterdir()):
         if overwrite:
             shutil.rmtree(run)
@@ -210,10 +294,10 @@ def run_image_study(
             raise ProtomemError(
                 "run directory exists and is not empty (pass --overwrite or --resume)", path=run
             )
-        elif (run / "config.json").exists():
-            recorded = json.loads((run / "config.json").read_text())["preset"]
+        else:
+            recorded = _recorded_preset(run)
             if recorded != asdict(settings):
-                raise ProtomemError(f"cannot resume: the run used preset {recorded['name']!r}", path=run)
+                raise ProtomemError(f"cannot resume: the run used preset {recorded.get('name')!r}", path=run)
     run.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     caller_threads = torch.get_num_threads()
@@ -253,7 +337,7 @@ def run_image_study(
 
     step, losses = 0, []
     evals = _read_evals(run)
-    if resume and (run / "checkpoint" / "state.pt").exists():
+    if resume and (run / "checkpoint").exists():
         step, losses = _load_checkpoint(run, model, optimizer, generator)
         evals = [e for e in evals if e["step"] <= step]
     eval_steps = [s for s in eval_schedule(settings) if s > step]
@@ -543,19 +627,39 @@ def analyse(run: Path, settings, evals, train01, dataset_index, labels, all_digi
     }
 
 
+def _recorded_preset(run: Path) -> dict:
+    """The preset in run/config.json (a one-line error if the file is not one this study wrote)."""
+    from protomem.textio import load_json, require_inside
+
+    path = run / "config.json"
+    if not path.exists():
+        raise ProtomemError("nothing to resume: not an image-study run directory (no config.json)", path=run)
+    doc = load_json(require_inside(run, path), "run config")
+    preset = doc.get("preset") if isinstance(doc, dict) else None
+    fields = {f for f in ImageStudyPreset.__dataclass_fields__}
+    if not isinstance(preset, dict) or set(preset) != fields or not isinstance(preset.get("name"), str):
+        raise ProtomemError("not an image-study config (no valid 'preset')", path=path)
+    return preset
+
+
 def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
     """Recompute the analysis, summary.json and report.html of a finished run from its stored files."""
-    import torch
-
     run = Path(out_dir)
     if not (run / "config.json").exists() or not (run / "evals.json").exists():
         raise ProtomemError("not an image-study run directory (no config.json / evals.json)", path=run)
-    config = json.loads((run / "config.json").read_text())
-    settings = rebuild_preset(config["preset"])
-    stored = np.load(run / "train.npz")
+    recorded = _recorded_preset(run)
+    try:
+        settings = rebuild_preset(recorded)
+    except (TypeError, ValueError) as exc:
+        raise ProtomemError(f"not an image-study config ({exc})", path=run / "config.json") from None
+    stored = _read_train_images(run)
     _, _, _, all_digits = load_digit_subset(settings.n_train, settings.seed)
-    state = torch.load(run / "checkpoint" / "state.pt", weights_only=True)
-    previous = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    losses = [float(v) for v in _read_checkpoint_state(run)["losses"]]
+    from protomem.textio import load_json
+
+    previous = load_json(run / "summary.json", "summary") if (run / "summary.json").exists() else {}
+    previous = previous if isinstance(previous, dict) else {}
+    config_threads = load_json(run / "config.json", "run config").get("threads")
     summary = analyse(
         run,
         settings,
@@ -564,14 +668,27 @@ def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
         stored["dataset_index"],
         stored["labels"],
         all_digits,
-        state["losses"].tolist(),
+        losses,
     )
     summary["seconds"] = previous.get("seconds", float("nan"))
-    summary["threads"] = previous.get("threads", config.get("threads"))
+    summary["threads"] = previous.get("threads", config_threads)
     write_image_study_report(run, summary)
     summary["status"] = previous.get("status", "complete")
     write_json_atomic(run / "summary.json", _json_ready(summary))
     return run
+
+
+def _read_train_images(run: Path) -> dict[str, np.ndarray]:
+    """run/train.npz (images (N, H, W, 1), dataset_index (N,), labels (N,)); damage is a one-line error."""
+    import zipfile
+
+    path = run / "train.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {name: stored[name] for name in ("images", "dataset_index", "labels")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise ProtomemError(f"unreadable training images ({detail})", path=path) from None
 
 
 def _json_ready(value: object) -> object:
@@ -620,7 +737,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     per_example = pd.read_parquet(run / "per_example.parquet")
     metrics = pd.read_parquet(run / "metrics.parquet")
     evals = sorted(_read_evals(run), key=lambda e: e["step"])
-    train = np.load(run / "train.npz")["images"][..., 0]
+    train = _read_train_images(run)["images"][..., 0]
     figures = []
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))

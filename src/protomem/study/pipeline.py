@@ -23,7 +23,6 @@ Killed at any point, ``run_condition(..., resume=True)`` continues from the last
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import time
@@ -58,6 +57,7 @@ from protomem.memorization.hierarchy import Classification, classify_samples
 from protomem.neighbors import row_keys
 from protomem.study.config import ConditionConfig, condition_from_dict
 from protomem.study.design import TrainingSet, draw_training_set
+from protomem.textio import load_json, load_yaml, require_inside
 
 if TYPE_CHECKING:
     import torch
@@ -90,13 +90,16 @@ def write_table(path: Path, columns: dict[str, Any]) -> None:
 
 
 def read_summary(out_dir: Path) -> dict[str, Any] | None:
+    """summary.json of a condition, or None when it is missing or unreadable (a run killed mid-write,
+    or a damaged file: the condition is then not complete and runs again)."""
     path = Path(out_dir) / "summary.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        doc = load_json(require_inside(out_dir, path), "summary")
+    except ProtomemError:
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def is_complete(out_dir: Path) -> bool:
@@ -106,9 +109,11 @@ def is_complete(out_dir: Path) -> bool:
 
 def load_condition_config(out_dir: Path) -> ConditionConfig:
     path = Path(out_dir) / "config.yaml"
-    if not path.is_file():
+    if not path.exists():
         raise ProtomemError("not a study condition directory (no config.yaml)", path=out_dir)
-    doc = yaml.safe_load(path.read_text())
+    doc = load_yaml(require_inside(out_dir, path), "condition config")
+    if not isinstance(doc, dict):
+        raise ProtomemError("not a condition config written by protomem (no 'condition')", path=path)
     return condition_from_dict(doc.get("condition"), path=path)
 
 

@@ -7,7 +7,6 @@ verdict, the per-condition table and forest plot, and links to each condition's 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pandas as pd
 from protomem.errors import ProtomemError
 from protomem.grammar import load_grammar
 from protomem.htmlreport import format_number
+from protomem.textio import load_json, require_inside
 
 STUDY_FILE = "study.json"
 
@@ -25,7 +25,12 @@ def _read(out_dir: Path, name: str) -> pd.DataFrame:
     path = out_dir / name
     if not path.is_file():
         raise ProtomemError(f"missing table {name}; is this a finished study run?", path=out_dir)
-    return pd.read_parquet(path)
+    try:
+        return pd.read_parquet(require_inside(out_dir, path))
+    except ProtomemError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ProtomemError(f"not a readable table ({' '.join(str(exc).split())[:200]})", path=path) from None
 
 
 def _summary(out_dir: Path) -> dict[str, Any]:
@@ -34,10 +39,10 @@ def _summary(out_dir: Path) -> dict[str, Any]:
         raise ProtomemError(
             "no summary.json: not a study run directory, or the run has not finished", path=out_dir
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProtomemError(f"summary.json is not valid JSON ({exc})", path=path) from None
+    doc = load_json(require_inside(out_dir, path), "summary")
+    if not isinstance(doc, dict):
+        raise ProtomemError("summary.json is not a JSON object", path=path)
+    return doc
 
 
 def _version() -> str:
@@ -182,9 +187,13 @@ def render_study_report(study_dir: str | Path) -> Path:
     doc_path = study_dir / STUDY_FILE
     if not doc_path.is_file():
         raise ProtomemError("no study.json: not a study run directory", path=study_dir)
-    study = json.loads(doc_path.read_text())
+    study = load_json(require_inside(study_dir, doc_path), "study record")
+    if not isinstance(study, dict) or not isinstance(study.get("conditions"), list):
+        raise ProtomemError("study.json has no list of conditions", path=doc_path)
     rows = []
     for name in study["conditions"]:
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise ProtomemError(f"study.json names a condition {name!r}"[:200], path=doc_path)
         condition_dir = study_dir / "conditions" / name
         summary = _summary(condition_dir)
         primary = summary["primary"]
@@ -221,8 +230,8 @@ def render_study_report(study_dir: str | Path) -> Path:
     survival = []
     for row in rows:
         condition_dir = study_dir / "conditions" / row["name"]
-        per_example = pd.read_parquet(condition_dir / "per_example.parquet")
-        steps = pd.read_parquet(condition_dir / "metrics.parquet")["step"].to_numpy()
+        per_example = _read(condition_dir, "per_example.parquet")
+        steps = _read(condition_dir, "metrics.parquet")["step"].to_numpy()
         fig = figures.survival_figure(per_example, steps, study["primary_score"])
         fig.axes[0].set_title(f"{row['name']}: survival by quartile of {study['primary_score']}", fontsize=9)
         survival.append(figure_img(fig, f"survival curves of {row['name']}"))
@@ -242,14 +251,25 @@ def render_study_report(study_dir: str | Path) -> Path:
 
 
 def render_report(run_dir: str | Path) -> Path:
-    """Rebuild the report of a study directory, of one condition directory or of an image-study run."""
+    """Rebuild the report of a study directory, of one condition directory or of an image-study run.
+
+    The folder is read as untrusted input: a missing, damaged or inconsistent file is a one-line error
+    naming the folder, never a traceback.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ProtomemError("no such run directory", path=run_dir)
-    if (run_dir / STUDY_FILE).is_file():
-        return render_study_report(run_dir)
-    if (run_dir / "evals.json").is_file() and not (run_dir / "grammar.json").exists():
-        from protomem.study.images import rebuild_image_study
+    try:
+        if (run_dir / STUDY_FILE).is_file():
+            return render_study_report(run_dir)
+        if (run_dir / "evals.json").is_file() and not (run_dir / "grammar.json").exists():
+            from protomem.study.images import rebuild_image_study
 
-        return rebuild_image_study(run_dir) / "report.html"
-    return render_condition_report(run_dir)
+            return rebuild_image_study(run_dir) / "report.html"
+        return render_condition_report(run_dir)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise ProtomemError(
+            f"cannot rebuild the report: a table or record of this run is damaged or incomplete ({detail})",
+            path=run_dir,
+        ) from None

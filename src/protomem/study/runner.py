@@ -32,9 +32,10 @@ from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
 from protomem.study.plan import submission_order
 from protomem.study.power import power_curve
-from protomem.study.presets import get_preset
+from protomem.study.presets import PRESETS, get_preset
 from protomem.study.report import STUDY_FILE, render_study_report
 from protomem.study.skew import tau_mem, tau_ratios
+from protomem.textio import load_json, require_inside
 
 
 def grammar_label(condition: ConditionConfig) -> str:
@@ -123,13 +124,41 @@ def study_verdict(pooled: dict[str, dict[str, float]], score: str, alpha: float)
     return f"{verdict_lead(main['p_calibrated'], main['p_grammar'], alpha)}: {numbers}."
 
 
+STUDY_FORMAT = "protomem.study/1"
+
+
 def _prepare(out_dir: Path, preset: str, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     if not resume:
         start_fresh_run_dir(out_dir, overwrite)
         return None
-    if not is_non_empty_dir(out_dir) or not (out_dir / STUDY_FILE).is_file():
+    if not is_non_empty_dir(out_dir) or not (out_dir / STUDY_FILE).exists():
         raise ProtomemError("nothing to resume: not a study run directory (no study.json)", path=out_dir)
-    return json.loads((out_dir / STUDY_FILE).read_text())
+    return read_study_record(out_dir)
+
+
+def read_study_record(out_dir: Path) -> dict[str, Any]:
+    """study.json of a study to resume, refused unless it is one ``run_study`` wrote: a mapping with a
+    known preset, that preset's conditions, and thread / job counts that are positive integers or null."""
+    path = require_inside(out_dir, out_dir / STUDY_FILE)
+    doc = load_json(path, "study record")
+
+    def refuse(what: str) -> ProtomemError:
+        return ProtomemError(f"not a study record written by protomem ({what}); nothing resumed", path=path)
+
+    if not isinstance(doc, dict):
+        raise refuse("expected a JSON object")
+    if doc.get("format", STUDY_FORMAT) != STUDY_FORMAT:
+        raise refuse(f"format {doc.get('format')!r}")
+    preset = doc.get("preset")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise refuse(f"unknown preset {preset!r}")
+    if doc.get("conditions") != [c.name for c in get_preset(preset).conditions]:
+        raise refuse(f"its conditions are not those of the {preset!r} preset")
+    for field in ("threads", "jobs"):
+        value = doc.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise refuse(f"{field} {value!r}")
+    return doc
 
 
 def _watch_parent(parent: int) -> None:
@@ -165,10 +194,11 @@ def _run_one(config: ConditionConfig, condition_dir: str) -> str:
 
 def _condition_step(condition_dir: Path) -> int:
     """The last evaluation step a condition has reached (from its trainer's checkpoint marker)."""
-    latest = condition_dir / "train" / "checkpoints" / "latest.json"
+    from protomem.diffusion.checkpoint import latest_step
+
     try:
-        return int(json.loads(latest.read_text())["step"])
-    except (OSError, ValueError, KeyError):
+        return latest_step(condition_dir / "train") or 0
+    except ProtomemError:
         return 0
 
 
@@ -279,6 +309,7 @@ def run_study(
     clock = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     doc: dict[str, Any] = {
+        "format": STUDY_FORMAT,
         "preset": preset,
         "conditions": [c.name for c in conditions],
         "primary_score": conditions[0].analysis.primary_score,

@@ -6,6 +6,7 @@ not a subcommand but a file (or ends in .yaml / .yml) runs it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -14,6 +15,7 @@ from typer.core import TyperGroup
 
 from protomem.diffusion.device import DEFAULT_GPU_TFLOPS
 from protomem.errors import ProtomemError
+from protomem.outputs import check_output_dir
 
 console = Console(stderr=True, soft_wrap=True)  # summary lines stay whole in logs
 
@@ -54,10 +56,17 @@ def run_command(
         "Every node needs protomem installed and must see --out (shared filesystem).",
     ),
     retries: int = typer.Option(
-        None, "--retries", help="Extra attempts per failed or killed point [default: 2]."
+        None,
+        "--retries",
+        help="Extra attempts per failed or killed point (overrides the sweep file's retries).",
+        show_default="2",
     ),
-    out: Path = typer.Option(None, "--out", help="Sweep directory [default: runs/sweeps/<sweep name>]."),
-    cpus: int = typer.Option(None, "--cpus", help="CPUs of the local Ray, one point per CPU [default: all]."),
+    out: Path = typer.Option(
+        None, "--out", help="Sweep directory (made absolute).", show_default="runs/sweeps/<sweep name>"
+    ),
+    cpus: int = typer.Option(
+        None, "--cpus", help="CPUs of the local Ray, one point per CPU.", show_default="all cores"
+    ),
     mem_threshold: float = typer.Option(None, "--mem-threshold", help=MEM_HELP),
     gen_threshold: float = typer.Option(None, "--gen-threshold", help=GEN_HELP),
     report: bool = typer.Option(True, "--report/--no-report", help="Write SWEEP_DIR/report.html at the end."),
@@ -86,9 +95,20 @@ def run_command(
         except ValueError as exc:
             raise ProtomemError(f"--device: {exc}") from None
         spec = spec.model_copy(update={"device": device})
-    out_dir = out if out is not None else Path("runs") / "sweeps" / str(spec.name)
+    out_dir = Path(os.path.abspath(out if out is not None else Path("runs") / "sweeps" / str(spec.name)))
+    check_output_dir(out_dir)
+    check_thresholds(mem_threshold, gen_threshold)
+    from protomem.sweep.conditions import point_configs
+    from protomem.sweep.spec import expand_points
+
+    try:  # every point is validated before anything runs; errors name the sweep file
+        configs = point_configs(spec, expand_points(spec), path=sweep_file)
+    except ProtomemError as exc:
+        if exc.path is not None:
+            raise
+        raise ProtomemError(exc.message, path=sweep_file, where=exc.where) from None
     if dry_run or plan:
-        _print_plan(spec, out_dir)
+        _print_plan(spec, out_dir, configs)
         if plan:
             _print_estimate(spec, out_dir, cpus if address is None else None, gpu_tflops)
         return
@@ -96,6 +116,7 @@ def run_command(
     result = run_sweep(
         spec,
         out_dir,
+        configs=configs,
         address=address,
         num_cpus=cpus,
         retries=retries,
@@ -114,26 +135,36 @@ def run_command(
 
         path = build_report(out_dir, mem_threshold=mem_threshold, gen_threshold=gen_threshold)
         console.print(f"report: {path}")
-    if result.failed:
+    from protomem.sweep.layout import is_complete
+
+    unfinished = [p.name for p in result.points if not is_complete(result.layout.run_dir(p.name))]
+    if unfinished:
         console.print(
-            f"[red]{len(result.failed)} point(s) failed[/red] (errors in {out_dir}/attempts/); "
-            "run the same command again to retry them"
+            f"[red]{len(unfinished)} of {len(result.points)} point(s) not complete[/red] "
+            f"(errors in {out_dir}/attempts/ and the points table); run the same command again to retry",
+            highlight=False,
         )
         raise typer.Exit(1)
 
 
-def _print_plan(spec, out_dir: Path) -> None:
+def check_thresholds(mem_threshold: float | None, gen_threshold: float | None) -> None:
+    """--mem-threshold / --gen-threshold: fractions in (0, 1] (NaN and infinity refused)."""
+    for name, value in (("--mem-threshold", mem_threshold), ("--gen-threshold", gen_threshold)):
+        if value is not None and not 0 < value <= 1:
+            raise ProtomemError(f"{name} must lie in (0, 1], got {value}")
+
+
+def _print_plan(spec, out_dir: Path, configs: dict) -> None:
     """The points of ``spec``, their run directories and whether they are finished, started or new."""
     from rich.console import Console as StdoutConsole
     from rich.table import Table
 
-    from protomem.sweep.conditions import config_to_dict, point_configs
+    from protomem.sweep.conditions import config_to_dict
     from protomem.sweep.layout import SweepLayout, has_started, is_complete
     from protomem.sweep.runner import check_existing_configs
     from protomem.sweep.spec import expand_points
 
     points = expand_points(spec)
-    configs = point_configs(spec, points)  # validates every point
     layout = SweepLayout(out_dir)
     check_existing_configs(layout, points, {name: config_to_dict(c) for name, c in configs.items()})
     table = Table(title=f"sweep {spec.name}: {len(points)} points in {out_dir}")
@@ -212,13 +243,28 @@ def query_command(
 @app.command("report")
 def report_command(
     sweep_dir: Path = typer.Argument(..., help="A sweep directory."),
-    out: Path = typer.Option(None, "--out", help="Report file [default: SWEEP_DIR/report.html]."),
+    out: Path = typer.Option(
+        None, "--out", help="Report file (rebuilt in place there).", show_default="SWEEP_DIR/report.html"
+    ),
     mem_threshold: float = typer.Option(None, "--mem-threshold", help=MEM_HELP),
     gen_threshold: float = typer.Option(None, "--gen-threshold", help=GEN_HELP),
     figures: Path = typer.Option(None, "--figures", help="Also save every figure as PNG in this directory."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out file or PNGs in --figures."
+    ),
 ) -> None:
     """Write a self-contained HTML report: τ_mem and τ_gen vs P, phase diagram, Zipf skew effects."""
+    from protomem.outputs import check_output_file
     from protomem.sweep.report import build_report
+
+    check_thresholds(mem_threshold, gen_threshold)
+    if out is not None:
+        check_output_file(out, overwrite=overwrite, inputs=[sweep_dir])
+    if figures is not None:
+        check_output_dir(figures, inputs=[sweep_dir])
+        existing = sorted(figures.glob("*.png")) if figures.is_dir() else []
+        if existing and not overwrite:
+            raise ProtomemError("holds PNG files already (pass --overwrite to replace them)", path=figures)
 
     path = build_report(
         sweep_dir, out, mem_threshold=mem_threshold, gen_threshold=gen_threshold, figures_dir=figures

@@ -64,11 +64,14 @@ def with_one_thread(config: Any) -> Any:
     return config
 
 
-def point_configs(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, Any]:
+def point_configs(spec: SweepSpec, points: list[SweepPoint], path: object | None = None) -> dict[str, Any]:
     """Point name -> its validated ConditionConfig (one thread per point; the spec's device, if it names
-    one). Errors name the point."""
+    one). Errors name the sweep file ``path`` and the point (or the base field)."""
     study_config, _ = _study()
-    base = base_config(spec.base)
+    try:
+        base = base_config(spec.base)
+    except ProtomemError as exc:
+        raise ProtomemError(exc.message, path=path, where=exc.where or "base") from None
     configs = {}
     for point in points:
         try:
@@ -78,7 +81,7 @@ def point_configs(spec: SweepSpec, points: list[SweepPoint]) -> dict[str, Any]:
             check_sweep_device(point_device(config))
         except (ProtomemError, ValueError) as exc:
             message = exc.message if isinstance(exc, ProtomemError) else str(exc)
-            raise ProtomemError(message, where=f"point {point.name}") from None
+            raise ProtomemError(message, path=path, where=f"point {point.name}") from None
         configs[point.name] = with_one_thread(config)
     return configs
 

@@ -3,7 +3,8 @@
 Tables (``sweep.duckdb``, and ``points.parquet`` / ``checkpoints.parquet`` / ``examples.parquet``):
 
 - ``points``: one row per point of the sweep: ``point`` (its directory name), ``status`` (complete,
-  incomplete, failed, pending), ``attempts``, ``resumed``, ``run_dir``, one column per swept key (named
+  incomplete, failed, pending), ``attempts``, ``resumed``, ``last_error``, ``last_node`` (the Ray node id
+  of its last attempt), ``run_dir``, one column per swept key (named
   by the key's last component, see :func:`protomem.sweep.spec.short_keys`; list values as JSON text),
   the axes the report needs read from the resolved config (``n_train``, ``zipf_exponent``,
   ``zipf_levels``, ``steps``, ``seed``), ``tau_mem`` / ``tau_gen`` (see :mod:`protomem.sweep.onsets`)
@@ -180,12 +181,17 @@ def gather(
         status = point_status(run_dir, events, summary)
         starts = [e for e in events if e.get("event") == "start"]
         errors = [e for e in events if e.get("event") == "error"]
+        # an attempt that failed before its worker could log a start (it could not see the sweep
+        # directory, or died) still counts: the driver logged its error
+        attempted = {e.get("attempt") for e in starts + errors}
+        nodes = [e.get("node") for e in starts if e.get("node")]
         row = {
             **identity,
             "status": status,
-            "attempts": len(starts),
+            "attempts": len(attempted - {None}) or len(starts),
             "resumed": any(bool(e.get("resume")) for e in starts),
             "last_error": errors[-1].get("error") if errors and status != "complete" else None,
+            "last_node": nodes[-1] if nodes else None,
             "run_dir": str(Path("runs") / point["name"]),
             "params": json.dumps(point["params"], sort_keys=True),
             "tau_mem": math.nan,

@@ -1,21 +1,31 @@
 """Run every point of a sweep as a Ray task, retrying failed or killed points, never redoing finished ones.
 
-The driver validates all points, writes the manifest, skips finished points, and submits one Ray task per
-remaining point (``num_cpus=1``, plus ``num_gpus`` for a CUDA point; the task pins torch to one thread,
-so N cores run N points without oversubscription). A task that raises or whose worker dies (killed, out
-of memory) is resubmitted up to ``retries`` times; the new attempt calls ``run_condition(...,
-resume=True)`` on the same run directory and continues from the point's last checkpoint. Without
-``address`` a private local Ray is started with all cores (or ``num_cpus``) and shut down at the end,
-also on errors and Ctrl-C.
+The driver validates all points, writes the manifest (with a fresh session id), skips finished points,
+and submits one Ray task per remaining point (``num_cpus=1``, plus ``num_gpus`` for a CUDA point; the
+task pins torch to one thread, so N cores run N points without oversubscription). A task that raises or
+whose worker dies (killed, out of memory) is resubmitted up to ``retries`` times; the new attempt calls
+``run_condition(..., resume=True)`` on the same run directory and continues from the point's last
+checkpoint. Without ``address`` a private local Ray is started with all cores (or ``num_cpus``) and shut
+down at the end, also on errors and Ctrl-C.
+
+On a cluster every node must see the sweep directory at the same absolute path. A worker first checks
+that it sees this session's manifest and otherwise fails the attempt without writing anything; the
+driver counts a point finished only when the point's results are in the sweep directory it sees, and
+records every failed attempt's error itself (a worker that died or cannot see the directory cannot).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import socket
+import tempfile
+import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +34,30 @@ from typing import Any
 import yaml
 
 from protomem.errors import ProtomemError
+from protomem.outputs import check_output_dir
 from protomem.sweep.conditions import point_device
 from protomem.sweep.layout import (
     SweepLayout,
     append_attempt,
     has_started,
     is_complete,
+    read_attempts,
     read_manifest,
     write_manifest,
 )
 from protomem.sweep.spec import SweepPoint, SweepSpec, expand_points, ray_resources
 
 RAY_MISSING = "Ray is not installed; sweeps need it: pip install 'protomem[sweep]'"
+JOIN_TIMEOUT_S = 30.0  # joining a cluster given by --address fails after this long
+AUTH_HINT = (
+    "the cluster uses token authentication: set RAY_AUTH_MODE=token and its token "
+    "(RAY_AUTH_TOKEN=..., or the file ~/.ray/auth_token; `ray get-auth-token` on the head prints it)"
+)
+
+
+class NodeCannotSeeSweep(ProtomemError):
+    """A worker's node does not see the sweep directory (no shared filesystem at the same path)."""
+
 
 # (config, out_dir, *, resume, progress) -> run directory; default protomem.study.pipeline.run_condition.
 ConditionRunner = Callable[..., Any]
@@ -71,16 +93,49 @@ def require_ray() -> Any:
     return ray
 
 
+def check_sees_sweep(manifest: Path, session: str) -> None:
+    """Raise :class:`NodeCannotSeeSweep` unless this process sees the manifest of this sweep session."""
+    try:
+        doc = json.loads(Path(manifest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("session") != session:
+        raise NodeCannotSeeSweep(
+            f"node {socket.gethostname()} (Ray node {_node_id() or '?'}) does not see the sweep directory "
+            f"{Path(manifest).parent} (every node must see it at the same path: a shared filesystem)"
+        )
+
+
+def _node_id() -> str | None:
+    """The Ray node id of this worker (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # an older Ray without the runtime context, or not in a task
+        return None
+
+
 def run_point(
-    runner: ConditionRunner | None, config: Any, run_dir: str, attempts_path: str, attempt: int
+    runner: ConditionRunner | None,
+    config: Any,
+    run_dir: str,
+    attempts_path: str,
+    attempt: int,
+    manifest_path: str | None = None,
+    session: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) one point; executed inside a Ray worker with one CPU.
 
-    A run directory holding ``config.yaml`` (written by the study once the setup is done) is resumed;
-    a non-empty one without it was killed during setup and is started afresh (nothing finished is in it).
-    Logs the attempt's start (pid, whether it resumes) and its end or error to ``attempts_path``.
-    Returns {"seconds": wall time of this attempt, "resumed": bool}.
+    First checks that this node sees the sweep (``manifest_path`` holding ``session``), and fails
+    without writing anything if not. A run directory holding ``config.yaml`` (written by the study once
+    the setup is done) is resumed; a non-empty one without it was killed during setup and is started
+    afresh (nothing finished is in it). Logs the attempt's start (pid, host, Ray node, whether it
+    resumes) and its end or error to ``attempts_path``.
+    Returns {"seconds": wall time of this attempt, "resumed": bool, "node": Ray node id}.
     """
+    if manifest_path is not None and session is not None:
+        check_sees_sweep(Path(manifest_path), session)
     import torch
 
     torch.set_num_threads(1)
@@ -92,7 +147,8 @@ def run_point(
     resume = (path / "config.yaml").is_file()
     restart = not resume and has_started(path)
     log = Path(attempts_path)
-    append_attempt(log, "start", attempt=attempt, resume=resume, restart_after_setup=restart)
+    node = _node_id()
+    append_attempt(log, "start", attempt=attempt, resume=resume, restart_after_setup=restart, node=node)
     start = time.perf_counter()
     try:
         runner(config, path, resume=resume, overwrite=restart, progress=False)
@@ -114,7 +170,7 @@ def run_point(
         append_attempt(log, "error", attempt=attempt, error=message)
         raise RuntimeError(message)
     append_attempt(log, "end", attempt=attempt, seconds=seconds)
-    return {"seconds": seconds, "resumed": resume}
+    return {"seconds": seconds, "resumed": resume, "node": node}
 
 
 # Config keys a point may change between runs: a point started on one device can finish on another.
@@ -160,8 +216,11 @@ def prepare_sweep_dir(
     points: list[SweepPoint],
     config_dicts: dict[str, dict[str, Any]],
     spec_text: str | None = None,
+    session: str | None = None,
 ) -> None:
     """Check that existing run directories belong to these configs, then write manifest and sweep.yaml.
+
+    ``session`` (a fresh id per run of the sweep) goes into the manifest: workers check they see it.
 
     Raises:
         ProtomemError: a point already in the directory was run with a different config (the sweep file
@@ -181,13 +240,15 @@ def prepare_sweep_dir(
             "swept_keys": sorted({key for p in points for key in p.params}),
             "points": [{"name": p.name, "params": p.params, "config": config_dicts[p.name]} for p in points],
             "retired_points": retired,
+            "session": session,
         },
     )
     from protomem.io import write_text_atomic
 
     if spec_text is None:
         spec_text = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-    write_text_atomic(layout.sweep_file, spec_text)
+    if not (layout.sweep_file.is_file() and layout.sweep_file.read_text(encoding="utf-8") == spec_text):
+        write_text_atomic(layout.sweep_file, spec_text)  # (never rewrites the input it was read from)
 
 
 def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
@@ -201,18 +262,89 @@ def _init_ray(ray: Any, address: str | None, num_cpus: int | None) -> bool:
         "configure_logging": True,
     }
     if address:
-        try:
-            ray.init(address=address, **options)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            detail = lines[-1] if lines else type(exc).__name__
-            raise ProtomemError(f"could not join the Ray cluster at {address}: {detail}") from None
+        join_cluster(ray, address, options)
     else:
         cpus = num_cpus if num_cpus is not None else os.cpu_count() or 1
         # "local" always starts a new instance, even if another user's `ray start` runs on this machine.
         # The tasks return a few numbers, so a small object store spares /dev/shm.
         ray.init(address="local", num_cpus=cpus, object_store_memory=128 * 1024**2, **options)
     return True
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of 'host:port' or 'ray://host:port'; None for 'auto' and the like."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def join_cluster(ray: Any, address: str, options: dict[str, Any], timeout: float = JOIN_TIMEOUT_S) -> None:
+    """``ray.init(address=...)`` that fails within ``timeout`` seconds with one line naming the address.
+
+    Ray itself retries a wrong address for many minutes and prints its reasons (a missing auth token
+    among them) as a stream of warnings; here nothing answering at the address fails in seconds, and a
+    join that does not complete in ``timeout`` s fails with the reason Ray logged, if it named one.
+    """
+    target = _host_port(address)
+    if target is not None:
+        try:
+            socket.create_connection(target, timeout=min(5.0, timeout)).close()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ProtomemError(
+                f"could not join the Ray cluster at {address}: nothing answers there ({reason})"
+            ) from None
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, **options)
+            outcome["error"] = None
+        except BaseException as exc:  # reported by the caller's thread
+            outcome["error"] = exc
+
+    with _stderr_captured() as captured:
+        thread = threading.Thread(target=connect, name="ray-join", daemon=True)
+        thread.start()
+        thread.join(timeout)
+    logged = captured["text"]
+    if "error" in outcome and outcome["error"] is None:
+        return
+    error = outcome.get("error")
+    text = f"{logged}\n{error!r}"
+    if "InvalidAuthToken" in text or "Unauthenticated" in text or "auth token" in text.lower():
+        detail = AUTH_HINT
+    elif error is not None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[-1] if lines else type(error).__name__
+    else:
+        detail = f"no answer within {timeout:.0f} s (is it the head's GCS address, e.g. HEAD:6379?)"
+        if os.environ.get("RAY_AUTH_MODE") != "token":
+            detail += f"; if {AUTH_HINT}"
+    raise ProtomemError(f"could not join the Ray cluster at {address}: {detail}")
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Send file descriptor 2 (where Ray's C++ core logs) to a temporary file for the block; yields a
+    dict whose "text" holds what was written once the block ends. Python-level stderr is left alone."""
+    captured = {"text": ""}
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured["text"] = sink.read()[-20000:].decode("utf-8", "replace")
 
 
 def _error_line(exc: BaseException) -> str:
@@ -224,7 +356,19 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    return isinstance(getattr(exc, "cause", None), ProtomemError) or isinstance(exc, ProtomemError)
+    """An error no retry can fix (a bad input); a node that cannot see the sweep is retried, since the
+    next attempt may run on another node."""
+    cause = getattr(exc, "cause", None)
+    error = cause if cause is not None else exc
+    return isinstance(error, ProtomemError) and not isinstance(error, NodeCannotSeeSweep)
+
+
+def _record_failure(layout: SweepLayout, name: str, attempt: int, line: str) -> None:
+    """Log the failed attempt's error unless its worker already did (a worker that died, or one that
+    cannot see the sweep directory, could not)."""
+    events = read_attempts(layout.attempts_path(name))
+    if not any(e.get("event") == "error" and e.get("attempt") == attempt for e in events):
+        append_attempt(layout.attempts_path(name), "error", attempt=attempt, error=line, recorded_by="driver")
 
 
 def execute_points(
@@ -239,11 +383,13 @@ def execute_points(
     condition_runner: ConditionRunner | None = None,
     num_gpus: float | None = None,
     result: SweepResult,
+    session: str | None = None,
 ) -> None:
     """Run ``todo`` on Ray, retrying each point up to ``retries`` times; fills ``result``.
 
     Each task asks Ray for one CPU, and ``num_gpus`` GPUs (default 1) when its point runs on CUDA
     (:func:`protomem.sweep.spec.ray_resources`).
+    ``session``: the id in this run's manifest, which every worker checks it sees before starting.
     """
     ray = require_ray()
     from rich.console import Console
@@ -275,6 +421,8 @@ def execute_points(
                 str(layout.run_dir(point.name)),
                 str(layout.attempts_path(point.name)),
                 attempt,
+                str(layout.manifest),
+                session,
             )
             pending[ref] = (point, attempt)
             result.attempts[point.name] = attempt
@@ -298,13 +446,20 @@ def execute_points(
                     point, attempt = pending.pop(ref)
                     try:
                         info = ray.get(ref)
+                        if not is_complete(layout.run_dir(point.name)):
+                            raise NodeCannotSeeSweep(
+                                f"the attempt on Ray node {info.get('node') or '?'} ended, but its results "
+                                f"are not in {layout.run_dir(point.name)} (does that node see the sweep "
+                                "directory at the same path?)"
+                            )
                     except Exception as exc:  # task raised, or its worker died (killed, out of memory)
                         line = _error_line(exc)
+                        _record_failure(layout, point.name, attempt, line)
                         if attempt <= retries and not _is_user_error(exc):
                             bar.console.print(f"retrying {point.name} (attempt {attempt + 1}) after {line}")
                             submit(point, attempt + 1)
                         else:
-                            bar.console.print(f"[red]failed[/red] {point.name}: {line}")
+                            bar.console.print(f"[red]failed[/red] {point.name}: {line}", highlight=False)
                             result.failed[point.name] = line
                             bar.advance(task)
                         continue
@@ -359,8 +514,12 @@ def run_sweep(
     if configs is None:
         configs = point_configs(spec, points)
     config_dicts = {name: config_to_dict(config) for name, config in configs.items()}
-    layout = SweepLayout(Path(out_dir))
-    prepare_sweep_dir(spec, layout, points, config_dicts, spec_text=spec_text)
+    # Absolute, so that a worker started elsewhere (another node, another working directory) writes
+    # where the driver reads; nothing is resolved through symlinks, which may differ between nodes.
+    layout = SweepLayout(Path(os.path.abspath(out_dir)))
+    check_output_dir(layout.root)
+    session = uuid.uuid4().hex
+    prepare_sweep_dir(spec, layout, points, config_dicts, spec_text=spec_text, session=session)
     result = SweepResult(layout=layout, points=points)
     todo = []
     for point in points:
@@ -381,6 +540,7 @@ def run_sweep(
                 condition_runner=condition_runner,
                 num_gpus=spec.num_gpus,
                 result=result,
+                session=session,
             )
     finally:
         # Also after Ctrl-C: whatever finished is in the database.

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from protomem.errors import ProtomemError
@@ -184,18 +183,30 @@ def spec_from_dict(doc: object, path: str | os.PathLike | None = None) -> SweepS
 
 
 def load_spec(path: str | os.PathLike) -> SweepSpec:
-    """Read and validate a sweep file (YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProtomemError("no such sweep file", path=path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        problem = getattr(exc, "problem", exc)
-        raise ProtomemError(f"not valid YAML ({problem})", path=path, where=where) from None
-    return spec_from_dict(doc, path=path)
+    """Read and validate a sweep file (YAML), counting its points before any grid is expanded."""
+    from protomem.textio import load_yaml
+
+    spec = spec_from_dict(load_yaml(path, "sweep file"), path=path)
+    count_points(spec, path=path)
+    return spec
+
+
+def count_points(spec: SweepSpec, path: object | None = None) -> int:
+    """Points the sweep asks for (grid products plus listed points, before removing duplicates),
+    computed without expanding the grid; refused over :data:`protomem.limits.SWEEP_POINTS`."""
+    from protomem import limits
+
+    total = len(spec.points)
+    for number, grid in enumerate(spec.grids()):
+        if grid:
+            product = 1
+            for values in grid.values():
+                product *= len(values)
+            where = "grid" if isinstance(spec.grid, dict) else f"grid[{number}]"
+            limits.SWEEP_POINTS.check(product, "grid points", path=path, where=where)
+            total += product
+    limits.SWEEP_POINTS.check(total, "sweep points", path=path)
+    return total
 
 
 def canonical_json(value: object) -> str:
@@ -253,6 +264,7 @@ def expand_points(spec: SweepSpec) -> list[SweepPoint]:
     Points with identical parameters are kept once. Without a grid and points the sweep has one point:
     the base condition.
     """
+    count_points(spec)
     params_list: list[dict[str, Any]] = []
     for grid in spec.grids():
         if not grid:
