@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from machine import describe
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from protomem.diffusion import DiffusionConfig, count_parameters
+from protomem.diffusion.cost import train_step_flops
 from protomem.diffusion.models import TreeUNet
 from protomem.diffusion.sampling import sample_tokens, seeded_generator
 from protomem.diffusion.trainer import Trainer, probe_threads
@@ -108,12 +108,6 @@ def config_for(model: str, width: int, precision: str) -> DiffusionConfig:
         vocab_size=8, seq_len=8, model=model, width=width, n_layers=4, n_heads=4, batch_size=BATCH,
         timesteps=TIMESTEPS, warmup_steps=0, threads=torch.get_num_threads(), precision=precision,
     )  # fmt: skip
-
-
-def train_flops(trainer: Trainer) -> float:
-    with FlopCounterMode(display=False) as counter:
-        trainer.step(1)
-    return float(counter.get_total_flops())
 
 
 def time_training(trainers: dict[str, Trainer], seconds: float) -> dict[str, float]:
@@ -209,7 +203,7 @@ def main() -> None:
             "bf16": matmul_gflops(torch.bfloat16, seconds=0.3),
         }
         trainers = {p: Trainer(config_for(model_name, width, p), data, None) for p in ("fp32", "bf16")}
-        flops = train_flops(trainers["fp32"])
+        flops = train_step_flops(trainers["fp32"])
         if model_name == "tree_unet":
             trainers["conv"] = conv_reference(trainers["fp32"].config, data)
             if args.compile:

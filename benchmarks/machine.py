@@ -5,16 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from protomem.diffusion.device import cpu_model
 
 
 def describe(threads: int | None = None) -> str:

@@ -82,6 +82,9 @@ def test_quick_study_tables_agree_and_report_renders(tmp_path: Path) -> None:
     run = run_image_study(tmp_path / "run", preset="quick", progress=False, threads=1)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete"
+    if not torch.cuda.is_available():  # auto: the CPU here, recorded with the hardware
+        config = json.loads((run / "config.json").read_text())
+        assert summary["device"] == config["device"] == "cpu" and config["device_label"].startswith("cpu (")
     preset = get_image_preset("quick")
     per_example = pd.read_parquet(run / "per_example.parquet")
     metrics = pd.read_parquet(run / "metrics.parquet")

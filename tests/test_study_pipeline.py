@@ -212,6 +212,18 @@ def test_refuses_to_overwrite_and_resumes_a_complete_run(tiny_run, tmp_path):
         run_condition(other, tiny_run, resume=True, progress=False)
 
 
+def test_the_device_is_recorded_and_may_change_on_resume(tiny_run):
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert config["device"] == "cpu" and config["device_label"].startswith("cpu (")
+    assert config["condition"]["diffusion"]["device"] == "auto"  # as asked; the resolved one beside it
+    assert json.loads((tiny_run / "summary.json").read_text())["device"] == "cpu"
+    assert yaml.safe_load((tiny_run / "train" / "config.yaml").read_text())["device"] == "cpu"
+    before = (tiny_run / "summary.json").stat().st_mtime_ns
+    on_cpu = apply_overrides(tiny_condition(), {"diffusion.device": "cpu"})
+    run_condition(on_cpu, tiny_run, resume=True, progress=False)  # same condition, another device: fine
+    assert (tiny_run / "summary.json").stat().st_mtime_ns == before
+
+
 def test_cli_errors_are_one_line(tiny_run):
     result = subprocess.run(
         [sys.executable, "-m", "protomem.cli", "study", "--preset", "quick", "--out", str(tiny_run)],
@@ -323,10 +335,59 @@ def test_killed_run_resumes_to_the_same_result(tiny_run, tmp_path):
     assert (a["first_memorized_index"] == b["first_memorized_index"]).all()
 
 
+def test_the_plan_of_a_condition_is_within_5x_of_its_run(tiny_run):
+    from protomem.study.plan import plan_conditions
+
+    plan = plan_conditions([tiny_condition()], jobs=1, threads=1)
+    estimate = plan.conditions[0]
+    measured = sum(json.loads((tiny_run / "summary.json").read_text())["stage_seconds"].values())
+    assert measured / 5 < estimate.seconds < 5 * measured, (estimate, measured)
+    assert estimate.steps == 160 and estimate.n_evals == 4 and estimate.n_samples == 128
+    assert plan.wall_seconds > estimate.seconds  # plus the study's own start-up and report
+
+
+def test_the_parallel_runner_starts_the_longest_condition_first_as_the_plan_does(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    from protomem.study import runner
+    from protomem.study.plan import plan_conditions, submission_order
+
+    small = apply_overrides(tiny_condition(), {"name": "tiny-small"})
+    conditions = [
+        small,
+        apply_overrides(small, {"name": "tiny-wide", "diffusion.width": 2 * small.diffusion.width}),
+        apply_overrides(small, {"name": "tiny-small-again", "grammar.seed": 1}),
+    ]
+    assert submission_order(conditions) == [1, 0, 2]  # the wide model first, equal ones as listed
+    submitted = []
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        """Records what the runner submits, in order, and runs nothing."""
+
+        def __init__(self, max_workers, **_):
+            super().__init__(max_workers)
+
+        def submit(self, fn, condition, *args):
+            submitted.append(condition.name)
+            future = concurrent.futures.Future()
+            future.set_result(None)
+            return future
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Recording)
+    runner._run_parallel(conditions, tmp_path, 2, progress=False)
+    assert submitted == ["tiny-wide", "tiny-small", "tiny-small-again"]
+    plan = plan_conditions(conditions, jobs=2, threads=1)
+    assert plan.order == submitted  # --plan simulates the runner's schedule
+    assert [e.name for e in plan.conditions] == [c.name for c in conditions]  # rows as listed
+
+
 @pytest.mark.slow
 def test_quick_preset_study_end_to_end(tmp_path):
+    from protomem.study.plan import plan_conditions
+
     require_chromium()
     out = tmp_path / "study"
+    plan = plan_conditions(get_preset("quick").conditions, jobs=1, threads=1)
     started = time.perf_counter()
     result = subprocess.run(
         [
@@ -372,7 +433,12 @@ def test_quick_preset_study_end_to_end(tmp_path):
         text=True,
     )
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    print(f"quick preset wall time {elapsed:.1f} s, load average {os.getloadavg()}")
+    # the plan made before the run is the right order of magnitude (generously: timings share the machine)
+    assert elapsed / 5 < plan.wall_seconds < 5 * elapsed
+    print(
+        f"quick preset wall time {elapsed:.1f} s (planned {plan.wall_seconds:.1f} s), "
+        f"load average {os.getloadavg()}"
+    )
 
 
 @pytest.mark.slow

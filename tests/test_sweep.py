@@ -361,3 +361,63 @@ def test_report_from_scaling_and_zipf_sweeps(tmp_path):
     if chromium_path() is not None:
         seen = render_report(path, tmp_path / "report.png")
         assert seen["images"] == 5 and seen["images_loaded"] == 5
+
+
+# --- devices ------------------------------------------------------------------------------------------
+
+
+def test_sweep_devices_are_validated_and_reach_every_point(tmp_path):
+    from protomem.sweep.conditions import point_configs
+
+    for doc, message in (
+        ({"device": "cuda:1"}, "name it cuda"),
+        ({"device": "gpu"}, "device must be auto, cpu, cuda or mps"),
+        ({"num_gpus": -1}, "num_gpus"),
+        ({"grid": {"diffusion.device": ["cuda:0"]}}, "point device=cuda_0.*name it cuda"),
+    ):
+        with pytest.raises(ProtomemError, match=message):
+            spec = spec_from_dict(doc, path=tmp_path / "s.yaml")
+            point_configs(spec, expand_points(spec))
+    spec = spec_from_dict({"device": "cuda", "grid": {"data.n_train": [16, 32]}}, path=tmp_path / "s.yaml")
+    configs = point_configs(spec, expand_points(spec))  # no GPU needed to plan a GPU sweep
+    assert {c.diffusion.device for c in configs.values()} == {"cuda"}
+    assert {c.diffusion.threads for c in configs.values()} == {1}
+    mixed = spec_from_dict({"grid": {"diffusion.device": ["cpu", "cuda"]}}, path=tmp_path / "m.yaml")
+    assert sorted(c.diffusion.device for c in point_configs(mixed, expand_points(mixed)).values()) == [
+        "cpu",
+        "cuda",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("device", "num_gpus", "cluster_gpus", "gpus"),
+    [
+        ("cuda", None, 0, 1.0),  # asked for even where the cluster has none: Ray then waits for a GPU node
+        ("cuda", 0.5, 4, 0.5),
+        ("cuda", 2, 4, 2.0),
+        ("cpu", 1, 4, 0.0),  # num_gpus concerns CUDA points only
+        ("mps", None, 0, 0.0),
+        ("auto", None, 2, 1.0),  # auto runs on a GPU where the cluster has one
+        ("auto", 0.25, 2, 0.25),
+        ("auto", None, 0, 0.0),
+    ],
+)
+def test_a_cuda_point_asks_ray_for_its_gpus(device, num_gpus, cluster_gpus, gpus):
+    from protomem.sweep.spec import ray_resources
+
+    assert ray_resources(device, num_gpus, cluster_gpus) == {"num_cpus": 1, "num_gpus": gpus}
+
+
+def test_a_point_may_resume_on_another_device(tmp_path):
+    layout = build_fake_sweep(tmp_path, {"grid": {"data.n_train": [16]}})
+    spec = spec_from_dict({"grid": {"data.n_train": [16]}}, path=tmp_path / "fake.yaml")
+    points = expand_points(spec)
+    name = points[0].name
+    # the manifest of a sweep run before devices existed: its configs have no diffusion.device
+    manifest = json.loads(layout.manifest.read_text())
+    old = {**manifest["points"][0]["config"], "diffusion": {"width": 8}}
+    manifest["points"][0]["config"] = old
+    layout.manifest.write_text(json.dumps(manifest))
+    prepare_sweep_dir(spec, layout, points, {name: {**old, "diffusion": {"width": 8, "device": "cuda"}}})
+    with pytest.raises(ProtomemError, match=r"diffusion.width: 8 -> 7"):
+        prepare_sweep_dir(spec, layout, points, {name: {**old, "diffusion": {"width": 7, "device": "cpu"}}})

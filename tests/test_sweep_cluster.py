@@ -119,6 +119,10 @@ class MirrorRay:
 
             class Remote:
                 @staticmethod
+                def options(**_resources):  # Ray's per-task resources (GPUs for CUDA points)
+                    return Remote
+
+                @staticmethod
                 def remote(*args):
                     moved = [a.replace(outer.root, outer.mirror) if isinstance(a, str) else a for a in args]
                     Path(outer.mirror).mkdir(parents=True, exist_ok=True)

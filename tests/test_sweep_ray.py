@@ -227,3 +227,38 @@ def test_tiny_study_sweep_killed_midway_resumes_and_gathers_every_point_once(tmp
     if chromium_path() is not None:
         seen = render_report(layout.report, tmp_path / "sweep.png")
         assert seen["images"] >= 3 and "τ_mem" in seen["text"]
+
+def recording_runner(config, out_dir, *, resume=False, overwrite=False, progress=True):
+    """Stand-in for run_condition on a real study config: records the Ray resources the task was given."""
+    import ray
+
+    fake = FakeCondition(n_train=config.data.n_train, n_evals=3)
+    fake_run_condition(fake, out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    seen = {
+        "resources": ray.get_runtime_context().get_assigned_resources(),
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device": config.diffusion.device,
+    }
+    (Path(out_dir) / "resources.json").write_text(json.dumps(seen))
+    return Path(out_dir)
+
+
+def test_a_cuda_sweep_asks_ray_for_gpus_without_a_gpu_present(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    spec = spec_from_dict(
+        {"base": {"preset": "quick"}, "device": "cuda", "num_gpus": 0.5, "grid": {"data.n_train": [16, 32]}},
+        path=tmp_path / "gpu.yaml",
+    )
+    # a local Ray that believes it has one GPU: it schedules by the declared resource, no hardware needed
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_sweep(spec, tmp_path / "sweep", progress=False, condition_runner=recording_runner)
+    finally:
+        ray.shutdown()
+    assert sorted(result.completed) == sorted(p.name for p in expand_points(spec))
+    for name in result.completed:
+        seen = json.loads((SweepLayout(tmp_path / "sweep").run_dir(name) / "resources.json").read_text())
+        assert seen["resources"] == {"CPU": 1.0, "GPU": 0.5}
+        assert seen["visible"] == "0" and seen["device"] == "cuda"

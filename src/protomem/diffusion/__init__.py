@@ -28,7 +28,7 @@ Notes for callers:
   .step, .run_dir, .uses_ema); ``available_steps(run_dir)`` lists the checkpoints.
 - ``generate(loaded, count, *, sampling_steps=None, seed=0, classes=None, batch_size=512)`` -> (count, N)
   int64; a class-conditional model with ``classes=None`` draws classes uniformly. The result depends on
-  (seed, batch_size, thread count).
+  (seed, batch_size, thread count, device).
 - ``nll_bound(loaded, tokens, *, draws=4, seed=0, classes=None)`` -> (B,) float64: each sequence's
   negative ELBO in nats (the bound the loss trains), from a fixed, seeded set of noise draws so that
   checkpoints are comparable (membership-style likelihood of training vs unseen sequences).
@@ -39,6 +39,13 @@ Notes for callers:
   (this one: AVX512-BF16, no AMX), else fp32. bf16 is ~1.5x faster here and, in a paired run (64 strings,
   4,000 steps), gave the same memorization curve as fp32 (95.3% vs 95.7% copies); it is deterministic
   but not bit-identical to fp32. Set ``"fp32"`` to reproduce fp32 figures.
+- Devices: ``config.device`` is ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``, ``cuda``,
+  ``cuda:N`` or ``mps``; ``train`` resolves it once, records the resolved name in config.yaml, the
+  checkpoint state and ``TrainResult.device``, and keeps data, model and every random draw there.
+  ``load_checkpoint(run_dir, step=None, *, use_ema=True, device="cpu")`` reads and checks on the CPU, then
+  moves the model to ``device``; ``generate`` and ``nll_bound`` run where the model is and return numpy.
+  Same seed on another device -> other (equally reproducible) numbers. ``protomem.diffusion.device``
+  resolves settings; ``protomem.diffusion.cost`` counts and times steps (``study --plan``).
 - ``config.model_copy(update=...)`` skips validation: prefer
   ``DiffusionConfig(**{**config.model_dump(), **changes})``.
 - Importing ``protomem.diffusion`` is cheap: torch loads on first use of an exported name.

@@ -17,6 +17,9 @@ usable. Loading treats the folder as untrusted: every path it opens must resolve
 format tag, its own step and only our file names, every file must match its sha256, and every tensor
 (weights, EMA, optimizer moments) must have the name, shape and dtype the model expects and finite
 values (:mod:`protomem.diffusion.tensor_files`). Anything else is refused with a one-line message.
+
+Checkpoints do not depend on the device a run trained on: tensors are written from CPU copies, always read
+onto the CPU and validated there, and only then moved to the device the caller asks for.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from protomem.diffusion.config import DiffusionConfig, config_from_dict
+from protomem.diffusion.device import resolve_device
 from protomem.diffusion.models import build_model
 from protomem.diffusion.processes import NoiseProcess, build_process
 from protomem.diffusion.tensor_files import load_optimizer, load_tensors, load_weights, save_optimizer
@@ -71,9 +75,11 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` (complete or not at all); returns its directory. Does not move latest."""
     target = checkpoint_dir(run_dir, step)
-    tensors = {f"model.{name}": p.detach().contiguous() for name, p in model.state_dict().items()}
+    tensors = {f"model.{name}": p.detach().cpu().contiguous() for name, p in model.state_dict().items()}
     if ema_model is not None:
-        tensors.update({f"ema.{name}": p.detach().contiguous() for name, p in ema_model.state_dict().items()})
+        tensors.update(
+            {f"ema.{name}": p.detach().cpu().contiguous() for name, p in ema_model.state_dict().items()}
+        )
     with new_output_dir(target, overwrite=True) as staging:
         save_file(tensors, str(staging / MODEL_FILE), metadata={"format": FORMAT})
         files = {MODEL_FILE: sha256_of(staging / MODEL_FILE)}
@@ -254,10 +260,11 @@ class LoadedCheckpoint:
     Attributes:
         model: the denoiser in eval mode, with the EMA weights when the run kept an EMA (``uses_ema``).
         process: the noise process (its ``sample`` draws sequences).
-        config: the run's DiffusionConfig.
+        config: the run's DiffusionConfig (its ``device`` is the one the run trained on).
         step: the training step of this checkpoint.
         run_dir: the run directory.
         uses_ema: whether ``model`` holds EMA weights.
+        device: where ``model`` lives (sampling runs there).
     """
 
     model: nn.Module
@@ -266,12 +273,22 @@ class LoadedCheckpoint:
     step: int
     run_dir: Path
     uses_ema: bool
+    device: torch.device = torch.device("cpu")
 
 
 def load_checkpoint(
-    run_dir: str | Path, step: int | None = None, *, use_ema: bool = True
+    run_dir: str | Path,
+    step: int | None = None,
+    *,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
-    """Load checkpoint ``step`` of a run (the latest if None). EMA weights are used when present."""
+    """Load checkpoint ``step`` of a run (the latest if None). EMA weights are used when present.
+
+    The tensors are read and checked on the CPU, then the model moves to ``device`` (a setting such as
+    ``"auto"`` or ``"cuda:1"``, or a torch device), whatever device the run was trained on.
+    """
+    target = device if isinstance(device, torch.device) else resolve_device(device)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ProtomemError("no such run directory", path=run_dir)
@@ -292,7 +309,7 @@ def load_checkpoint(
     prefix = "ema" if (use_ema and ema_model is not None) else "model"
     if prefix == "ema":
         model = ema_model
-    model.eval()
+    model.to(target).eval()  # read and checked on the CPU, then moved
     return LoadedCheckpoint(
         model=model,
         process=process,
@@ -300,4 +317,5 @@ def load_checkpoint(
         step=int(doc["step"]),
         run_dir=run_dir,
         uses_ema=prefix == "ema",
+        device=target,
     )

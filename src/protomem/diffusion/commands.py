@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from protomem.diffusion.device import DEVICE_CHOICES, device_label, resolve_device
 from protomem.errors import ProtomemError
 
 console = Console(stderr=True)
@@ -43,6 +44,9 @@ def train(
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (overrides the config)."),
     seed: int = typer.Option(None, "--seed", help="Seed (overrides the config)."),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: probe)."),
+    device: str = typer.Option(
+        None, "--device", help=f"{DEVICE_CHOICES} (overrides the config; default auto: CUDA if present)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a discrete diffusion model on a file of equal-length token strings."""
@@ -70,7 +74,10 @@ def train(
         "lr": lr,
         "seed": seed,
         "threads": threads,
+        "device": device,
     }
+    if device is not None:
+        resolve_device(device)  # a device this machine lacks fails before reading the data
     vocab_size = branching = None
     n_classes = None
     if grammar is not None:
@@ -113,7 +120,8 @@ def train(
         resumed = f", resuming at step {start_step}" if start_step else ""
         console.print(
             f"training {cfg.model} (width {cfg.width}, {n_params:,} parameters), {cfg.process} process, "
-            f"{len(tokens)} strings of {cfg.seq_len} tokens, {cfg.steps} steps{resumed} -> {out}"
+            f"{len(tokens)} strings of {cfg.seq_len} tokens, {cfg.steps} steps{resumed} on "
+            f"{device_label(resolve_device(cfg.device))} -> {out}"
         )
 
     result = train_run(
@@ -128,7 +136,7 @@ def train(
     )
     console.print(
         f"done: step {result.step}, loss {result.final_loss:.4f}, {result.seconds:.1f} s, "
-        f"{result.threads} thread(s); checkpoints in {out}/checkpoints"
+        f"{result.threads} thread(s), {result.device}; checkpoints in {out}/checkpoints"
     )
 
 
@@ -141,6 +149,7 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     batch_size: int = typer.Option(512, "--batch-size", help="Sequences denoised at once."),
     threads: int = typer.Option(None, "--threads", help="Torch threads (default: torch's)."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES} (auto: CUDA if present)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Draw strings from a trained checkpoint (same file format as `protomem grammar sample`)."""
@@ -163,9 +172,10 @@ def sample(
         raise ProtomemError(f"--threads must be at least 1, got {threads}")
     string_format_of(out)  # refuse a bad extension before the work
     check_output_file(out, overwrite=overwrite)
+    target = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
-    loaded = load_checkpoint(run, step)
+    loaded = load_checkpoint(run, step, device=target)
     limits.TOTAL_TOKENS.check(count * loaded.config.seq_len, "--count x sequence length")
     classes = None
     if loaded.config.n_classes > 0:
@@ -175,7 +185,7 @@ def sample(
         loaded, count, sampling_steps=sampling_steps, seed=seed, classes=classes, batch_size=batch_size
     )
     write_strings(out, tokens, classes=None if classes is None else np.asarray(classes))
-    console.print(f"wrote {count} strings from step {loaded.step} of {run} to {out}")
+    console.print(f"wrote {count} strings from step {loaded.step} of {run} to {out} ({target})")
 
 
 def register(app: typer.Typer) -> None:

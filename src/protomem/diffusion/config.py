@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protomem.diffusion.device import DEVICE_CHOICES, DEVICE_PATTERN
 from protomem.errors import ProtomemError
 
-# Fields that may differ between a run and its resumption (they do not change the trajectory).
-RESUME_FREE_FIELDS = frozenset({"threads"})
+if TYPE_CHECKING:
+    import torch
+
+# Fields that may differ between a run and its resumption: the thread count (a float summation order)
+# and the device (a run started on one device can continue on another: checkpoints are device-free).
+RESUME_FREE_FIELDS = frozenset({"threads", "device"})
 # Seeds are stored as int64 (Parquet, DuckDB) and fed to torch and numpy: 0 .. 2^63 - 1.
 MAX_SEED = (1 << 63) - 1
 
@@ -74,9 +80,14 @@ class DiffusionConfig(BaseModel):
         None, ge=1, description="Denoising steps when sampling; None = timesteps."
     )
     # machine
-    threads: int | None = Field(None, ge=1, description="Torch threads; None = probe 1 vs all cores.")
+    device: str = Field(
+        "auto",
+        description="auto | cpu | cuda | cuda:N | mps; auto = CUDA when torch sees a GPU, else the CPU.",
+    )
+    threads: int | None = Field(None, ge=1, description="Torch threads; None = probe 1 vs all cores (CPU).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 = autocast matmuls to bfloat16; auto = bf16 where the CPU does it natively."
+        "auto",
+        description="bf16 = autocast matmuls to bfloat16; auto = bf16 where the device does it natively.",
     )
     # checkpoints and logging
     checkpoint_every: int | None = Field(
@@ -91,6 +102,13 @@ class DiffusionConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise ProtomemError(validation_message(exc)) from None
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not re.match(DEVICE_PATTERN, device):
+            raise ValueError(f"must be {DEVICE_CHOICES}")
+        return device
 
     @model_validator(mode="after")
     def _check_consistency(self) -> DiffusionConfig:
@@ -139,15 +157,20 @@ class DiffusionConfig(BaseModel):
         steps.add(self.steps)
         return sorted(s for s in steps if 1 <= s <= self.steps)
 
-    def resolved_precision(self) -> str:
-        """'bf16' or 'fp32': auto picks bf16 when the CPU has native bfloat16 matmuls (AVX512-BF16 / AMX).
+    def resolved_precision(self, device: torch.device | None = None) -> str:
+        """'bf16' or 'fp32' on ``device`` (None = the CPU): auto picks bf16 where the device multiplies
+        bfloat16 natively (a CPU with AVX512-BF16 / AMX, a CUDA GPU with bf16 support).
 
         On such a CPU bf16 autocast trains ~1.5x faster and gave the same memorization curve as fp32 in a
-        paired run (README); elsewhere bf16 is emulated and slow, so auto falls back to fp32.
+        paired run (docs/diffusion.md); elsewhere bf16 is emulated and slow, so auto falls back to fp32.
         """
         if self.precision != "auto":
             return self.precision
-        return "bf16" if native_bf16() else "fp32"
+        import torch
+
+        from protomem.diffusion.device import native_bf16
+
+        return "bf16" if native_bf16(device if device is not None else torch.device("cpu")) else "fp32"
 
     def resolved_log_every(self) -> int:
         return self.log_every if self.log_every is not None else max(1, self.steps // 200)
@@ -171,16 +194,6 @@ def _check_sizes(config: DiffusionConfig) -> None:
     limits.EVALUATIONS.check(len(config.eval_steps or ()), "eval_steps")
     for name in ("batch_size", "eval_samples"):
         limits.TOTAL_TOKENS.check(getattr(config, name) * config.seq_len, f"{name} x seq_len")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's check; imports torch)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def tree_depth(seq_len: int, branching: int) -> int | None:

@@ -4,7 +4,9 @@ Ho et al. 2020 ("Denoising diffusion probabilistic models") with the cosine nois
 Dhariwal 2021. Built for tiny images (8x8 digits up to 32x32) on a CPU: the U-Net has two resolutions
 below the input, one residual block per level, time embedding added in every block.
 
-Images are (N, C, H, W) float tensors scaled to [-1, 1]; H and W must be divisible by 4.
+Images are (N, C, H, W) float tensors scaled to [-1, 1]; H and W must be divisible by 4. Everything runs
+on the device of the model (move the schedule there with ``schedule.to(device)``); samples come back on
+the CPU.
 
     model = ImageUNet(channels=1, width=32)
     schedule = NoiseSchedule(timesteps=200)
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from protomem.diffusion.device import module_device
+
 
 def _groups(channels: int) -> int:
     return 8 if channels % 8 == 0 else 1
@@ -28,7 +32,7 @@ def _groups(channels: int) -> int:
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """(B,) integer steps -> (B, dim) sinusoidal features."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -97,6 +101,12 @@ class NoiseSchedule:
         self.alphas = (1 - betas).float()
         self.alpha_bar = torch.cumprod(1 - betas, dim=0).float()  # (T,) for t = 0..T-1
 
+    def to(self, device: torch.device | str) -> NoiseSchedule:
+        """Move the tables to ``device`` (in place); returns self."""
+        self.betas, self.alphas = self.betas.to(device), self.alphas.to(device)
+        self.alpha_bar = self.alpha_bar.to(device)
+        return self
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
         a = self.alpha_bar[t][:, None, None, None]
@@ -107,8 +117,8 @@ def diffusion_loss(
     model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
     """Mean squared error of the predicted noise at uniformly drawn steps (Ho et al. 2020, L_simple)."""
-    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, schedule.timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     return F.mse_loss(model(schedule.add_noise(x0, t, noise), t), noise)
 
 
@@ -121,22 +131,24 @@ def sample_images(
     seed: int = 0,
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """Ancestral DDPM sampling over all T steps: (count, C, H, W) in [-1, 1] (clipped).
+    """Ancestral DDPM sampling over all T steps: (count, C, H, W) in [-1, 1] (clipped), on the CPU.
 
-    Uses the posterior variance beta_tilde and clips the predicted x0 to [-1, 1] at every step.
+    Runs on the model's device (the schedule must be there too). Uses the posterior variance beta_tilde
+    and clips the predicted x0 to [-1, 1] at every step.
     """
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    device = module_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
-        x = torch.randn((n, *shape), generator=generator)
+        x = torch.randn((n, *shape), generator=generator, device=device)
         for step in reversed(range(schedule.timesteps)):
-            t = torch.full((n,), step, dtype=torch.long)
+            t = torch.full((n,), step, dtype=torch.long, device=device)
             eps = model(x, t)
             a_bar = schedule.alpha_bar[step]
-            a_bar_prev = schedule.alpha_bar[step - 1] if step > 0 else torch.tensor(1.0)
+            a_bar_prev = schedule.alpha_bar[step - 1] if step > 0 else torch.tensor(1.0, device=device)
             x0 = ((x - (1 - a_bar).sqrt() * eps) / a_bar.sqrt()).clamp(-1, 1)
             beta = schedule.betas[step]
             mean = (a_bar_prev.sqrt() * beta / (1 - a_bar)) * x0 + (
@@ -144,10 +156,10 @@ def sample_images(
             ) * x
             if step > 0:
                 variance = beta * (1 - a_bar_prev) / (1 - a_bar)
-                x = mean + variance.sqrt() * torch.randn(x.shape, generator=generator)
+                x = mean + variance.sqrt() * torch.randn(x.shape, generator=generator, device=device)
             else:
                 x = mean
-        out.append(x.clamp(-1, 1))
+        out.append(x.clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out)
 

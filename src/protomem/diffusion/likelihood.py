@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from protomem.diffusion.checkpoint import LoadedCheckpoint
+from protomem.diffusion.device import module_device
 from protomem.diffusion.models import frozen_weights
 from protomem.diffusion.sampling import precision_context, seeded_generator
 from protomem.errors import ProtomemError
@@ -42,15 +43,19 @@ def nll_bound(
         raise ProtomemError(f"draws must be at least 1, got {draws}")
     if config.n_classes > 0 and classes is None:
         raise ProtomemError("a class-conditional model needs the sequences' classes")
-    generator = seeded_generator(seed, 0xE1B0)
-    x0 = torch.as_tensor(tokens, dtype=torch.long)
-    class_tensor = None if config.n_classes == 0 else torch.as_tensor(np.asarray(classes, dtype=np.int64))
     model = loaded.model
+    device = module_device(model)
+    generator = seeded_generator(seed, 0xE1B0, device=device)
+    x0 = torch.as_tensor(tokens, dtype=torch.long).to(device)  # moved once, batched on the device
+    class_tensor = None
+    if config.n_classes > 0:
+        class_tensor = torch.as_tensor(np.asarray(classes, dtype=np.int64)).to(device)
     was_training = model.training
     model.eval()
     out = []
     try:
-        with torch.inference_mode(), precision_context(config.resolved_precision()), frozen_weights(model):
+        precision = precision_context(config.resolved_precision(device), device.type)
+        with torch.inference_mode(), precision, frozen_weights(model):
             for start in range(0, len(x0), batch_size):
                 stop = min(len(x0), start + batch_size)
                 batch_classes = None if class_tensor is None else class_tensor[start:stop]

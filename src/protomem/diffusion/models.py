@@ -205,7 +205,7 @@ class TreeUNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens x (B, N) -> level-0 convolution (B, N/s, W) and skip merge (B, N, W), by lookups."""
         stride = self.down[0].stride
-        offsets = torch.arange(stride) * self.embedding.num_embeddings
+        offsets = torch.arange(stride, device=x.device) * self.embedding.num_embeddings
         down = F.embedding_bag(x.reshape(-1, stride) + offsets, down_table, mode="sum")
         return down.view(x.shape[0], x.shape[1] // stride, -1), F.embedding(x, skip_table)
 
@@ -252,8 +252,10 @@ class TreeUNet(nn.Module):
         assert folds is not None
         if folds:
             return folds
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        device_type = self.head.weight.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else torch.float32
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
             folds["down_table"], folds["skip_table"] = self._level0_tables()
             stride, width = self.down[0].stride, self.head.in_features
             for level in range(self.depth):
@@ -285,7 +287,7 @@ class TreeUNet(nn.Module):
         biases; the skip merge accumulates into the transposed convolution's output buffer.
         """
         w = self._inference_weights()
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             cond = self.conditioning(t, classes, share_time=True).to(w["head"].dtype)  # (B or 1, W)
             shared = cond.shape[0] == 1
             stride, width = self.down[0].stride, cond.shape[1]
@@ -369,7 +371,8 @@ class Transformer(nn.Module):
 
 
 def build_model(config: DiffusionConfig, n_input_tokens: int) -> nn.Module:
-    """The denoiser named by ``config.model``, initialised from the global torch RNG.
+    """The denoiser named by ``config.model``, on the CPU, initialised from the global torch RNG (the
+    same initial weights whatever device it later moves to).
 
     Its size is checked first against :data:`protomem.limits.MODEL_PARAMETERS` (on the meta device, so a
     config asking for a trillion parameters is refused without allocating them).

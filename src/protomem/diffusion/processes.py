@@ -6,7 +6,9 @@ generator)``. Adding a process = one subclass of :class:`NoiseProcess` + one ent
 (+ its name in ``DiffusionConfig.process``); the trainer does not change.
 
 Conventions: tokens are int64 in [0, V); the model receives time as a fraction t in [0, 1] of the way to
-pure noise and returns logits (B, N, V) of the clean tokens (x0-parameterization).
+pure noise and returns logits (B, N, V) of the clean tokens (x0-parameterization). Every tensor a process
+creates lives on the device of its input (``x0`` in ``loss``, the generator in ``sample``), and the
+generator must live there too.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class NoiseProcess(ABC):
         classes: torch.Tensor | None,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """Ancestral sampling with ``steps`` denoising steps -> (count, seq_len) int64 in [0, V)."""
+        """Ancestral sampling with ``steps`` denoising steps -> (count, seq_len) int64 in [0, V), on the
+        generator's device."""
 
     @abstractmethod
     def nll_bound(
@@ -64,8 +67,9 @@ class NoiseProcess(ABC):
         generator: torch.Generator,
         draws: int,
     ) -> torch.Tensor:
-        """(B,) float64: each sequence's negative ELBO in nats (the bound the loss trains, whole sequence),
-        an unbiased estimate from ``draws`` stratified noise draws per sequence.
+        """(B,) float64 on the CPU: each sequence's negative ELBO in nats (the bound the loss trains, whole
+        sequence), an unbiased estimate from ``draws`` stratified noise draws per sequence; the noise is
+        drawn on ``x0``'s device, where ``generator`` must live.
 
         The noise comes from ``generator`` only and does not depend on the model: the same generator state
         and sequences give the same noise at every checkpoint, so bounds of different checkpoints differ
@@ -73,16 +77,24 @@ class NoiseProcess(ABC):
         """
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (not MPS, which gets float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _stratified_uniform(rows: int, draws: int, generator: torch.Generator) -> torch.Tensor:
-    """(rows, draws) float64 in [0, 1): draw j of a row lies in the stratum [j / draws, (j + 1) / draws)."""
-    offsets = torch.rand((rows, draws), generator=generator, dtype=torch.float64)
-    return (torch.arange(draws, dtype=torch.float64) + offsets) / draws
+    """(rows, draws) float64 (float32 on MPS) in [0, 1) on the generator's device: draw j of a row lies in
+    the stratum [j / draws, (j + 1) / draws)."""
+    device = generator.device
+    dtype = wide_float(device)
+    offsets = torch.rand((rows, draws), generator=generator, dtype=dtype, device=device)
+    return (torch.arange(draws, dtype=dtype, device=device) + offsets) / draws
 
 
 def _categorical(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw per row of probs (..., V) -> (...) int64, via inverse CDF (deterministic given generator)."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator) * cdf[..., -1:]
+    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device) * cdf[..., -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
@@ -108,12 +120,20 @@ class UniformProcess(NoiseProcess):
         self.n_input_tokens = config.vocab_size
         self.timesteps = config.timesteps
         self.ce_weight = config.ce_weight
-        self.alpha_bar = uniform_alpha_bar(config.schedule, config.timesteps)  # (T+1,) float64
+        self.alpha_bar = uniform_alpha_bar(config.schedule, config.timesteps)  # (T+1,) float64, CPU
+        self._keep_tables: dict[torch.device, torch.Tensor] = {}
+
+    def keep_probability(self, t: torch.Tensor) -> torch.Tensor:
+        """abar_t as float32 for integer steps t (any shape), on t's device (table copied there once)."""
+        table = self._keep_tables.get(t.device)
+        if table is None:
+            table = self._keep_tables[t.device] = self.alpha_bar.float().to(t.device)
+        return table[t]
 
     def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) for integer steps t (B,) -> (B, N) int64."""
-        keep = torch.rand(x0.shape, generator=generator) < self.alpha_bar[t].float()[:, None]
-        noise = torch.randint(0, self.vocab_size, x0.shape, generator=generator)
+        keep = torch.rand(x0.shape, generator=generator, device=x0.device) < self.keep_probability(t)[:, None]
+        noise = torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
         return torch.where(keep, x0, noise)
 
     def _log_posterior(
@@ -124,8 +144,8 @@ class UniformProcess(NoiseProcess):
         x_t (B, N); t, s (B,) int; log_x0 (B, N, V) log-probabilities of x0 (one-hot or predicted).
         """
         v = self.vocab_size
-        abar_t = self.alpha_bar[t].float()[:, None, None]
-        abar_s = self.alpha_bar[s].float()[:, None, None]
+        abar_t = self.keep_probability(t)[:, None, None]
+        abar_s = self.keep_probability(s)[:, None, None]
         keep = abar_t / abar_s  # probability that the step s -> t keeps the token
         # q(x_t | x_s) as a function of x_s: keep * [x_s == x_t] + (1 - keep) / V
         log_f = torch.log(keep * F.one_hot(x_t, v) + (1 - keep) / v)
@@ -141,7 +161,7 @@ class UniformProcess(NoiseProcess):
         generator: torch.Generator,
     ) -> torch.Tensor:
         batch = x0.shape[0]
-        t = torch.randint(1, self.timesteps + 1, (batch,), generator=generator)
+        t = torch.randint(1, self.timesteps + 1, (batch,), generator=generator, device=x0.device)
         x_t = self.corrupt(x0, t, generator)
         logits = model(x_t, t.float() / self.timesteps, classes)
         log_p0 = torch.log_softmax(logits.float(), dim=-1)
@@ -165,11 +185,12 @@ class UniformProcess(NoiseProcess):
         classes: torch.Tensor | None,
         generator: torch.Generator,
     ) -> torch.Tensor:
+        device = generator.device
         times = strided_times(self.timesteps, steps)
-        x = torch.randint(0, self.vocab_size, (count, seq_len), generator=generator)
+        x = torch.randint(0, self.vocab_size, (count, seq_len), generator=generator, device=device)
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
-            t = torch.full((count,), t_now, dtype=torch.long)
-            s = torch.full((count,), t_next, dtype=torch.long)
+            t = torch.full((count,), t_now, dtype=torch.long, device=device)
+            s = torch.full((count,), t_next, dtype=torch.long, device=device)
             log_p0 = torch.log_softmax(model(x, t.float() / self.timesteps, classes).float(), dim=-1)
             probs = self._log_posterior(x, t, s, log_p0).exp()
             x = _categorical(probs, generator)
@@ -198,7 +219,7 @@ class UniformProcess(NoiseProcess):
         log_p = self._log_posterior(x_t, t, t - 1, log_p0)
         q = log_q.exp()
         kl = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q)).sum((-1, -2))  # (B * D,)
-        return kl.double().reshape(batch, draws).mean(1) * self.timesteps
+        return kl.cpu().double().reshape(batch, draws).mean(1) * self.timesteps
 
 
 def uniform_alpha_bar(schedule: str, timesteps: int) -> torch.Tensor:
@@ -262,10 +283,11 @@ class MaskedProcess(NoiseProcess):
         generator: torch.Generator,
     ) -> torch.Tensor:
         batch, n = x0.shape
-        u = torch.rand((1,), generator=generator)
-        t = torch.remainder(u + torch.arange(batch, dtype=torch.float32) / batch, 1.0)
+        device = x0.device
+        u = torch.rand((1,), generator=generator, device=device)
+        t = torch.remainder(u + torch.arange(batch, dtype=torch.float32, device=device) / batch, 1.0)
         t = self.min_time + (1.0 - self.min_time) * t
-        masked = torch.rand(x0.shape, generator=generator) < (1.0 - self.alpha(t))[:, None]
+        masked = torch.rand(x0.shape, generator=generator, device=device) < (1.0 - self.alpha(t))[:, None]
         x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         logits = model(x_t, t, classes)
         nll = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, N)
@@ -282,18 +304,19 @@ class MaskedProcess(NoiseProcess):
         classes: torch.Tensor | None,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-        x = torch.full((count, seq_len), self.mask_id, dtype=torch.long)
+        device = generator.device
+        times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)  # CPU scalars: the schedule
+        x = torch.full((count, seq_len), self.mask_id, dtype=torch.long, device=device)
         for t_now, t_next in zip(times[:-1], times[1:], strict=True):
             is_masked = x == self.mask_id
             if not is_masked.any():
                 break
             a_t, a_s = self.alpha(t_now), self.alpha(t_next)
             reveal_prob = float((a_s - a_t) / (1.0 - a_t)) if t_next > 0 else 1.0
-            t = torch.full((count,), float(t_now), dtype=torch.float32)
+            t = torch.full((count,), float(t_now), dtype=torch.float32, device=device)
             probs = torch.softmax(model(x, t, classes).float(), dim=-1)
             draw = _categorical(probs, generator)
-            reveal = is_masked & (torch.rand(x.shape, generator=generator) < reveal_prob)
+            reveal = is_masked & (torch.rand(x.shape, generator=generator, device=device) < reveal_prob)
             x = torch.where(reveal, draw, x)
         return x
 
@@ -324,7 +347,7 @@ class MaskedProcess(NoiseProcess):
         """
         batch, n = x0.shape
         k = (_stratified_uniform(batch, draws, generator) * n).long().clamp_(max=n - 1) + 1  # (B, D)
-        r = torch.rand((batch, draws, n), generator=generator, dtype=torch.float64)
+        r = torch.rand((batch, draws, n), generator=generator, dtype=wide_float(x0.device), device=x0.device)
         kth = torch.sort(r, dim=-1).values.gather(-1, (k - 1)[..., None])  # (B, D, 1)
         masked = (r <= kth).reshape(batch * draws, n)
         t = self.mask_fraction_to_time(kth.reshape(-1)).clamp(min=self.min_time).float()
@@ -333,7 +356,7 @@ class MaskedProcess(NoiseProcess):
         rep_classes = None if classes is None else classes.repeat_interleave(draws, dim=0)
         logits = model(x_t, t, rep_classes)
         nll = F.cross_entropy(logits.float().transpose(1, 2), x0_rep, reduction="none")  # (B * D, N)
-        per_draw = (nll * masked).sum(1).double() / k.reshape(-1).double()
+        per_draw = (nll * masked).sum(1).cpu().double() / k.reshape(-1).cpu().double()
         return per_draw.reshape(batch, draws).mean(1) * n
 
 

@@ -73,7 +73,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path, metadata: dict[
     hyperparameter groups (JSON-ready, for the checkpoint's state document)."""
     state = optimizer.state_dict()
     tensors = {
-        f"{index}.{key}": value.contiguous()
+        f"{index}.{key}": value.detach().cpu().contiguous()  # device-free checkpoints
         for index, entries in state["state"].items()
         for key, value in entries.items()
     }

@@ -2,8 +2,14 @@
 
 Determinism: all randomness of step k (batch indices, diffusion times, noise) comes from a generator
 seeded by hash(seed, k), and the samples of evaluation step k from hash(seed, k, EVAL_STREAM). So the
-trajectory depends only on the config (and the thread count, which changes float summation order), and a
-resumed run repeats exactly what an uninterrupted one would have done.
+trajectory depends only on the config (and the thread count, which changes float summation order, and the
+device, whose generator draws other numbers), and a resumed run repeats exactly what an uninterrupted one
+would have done.
+
+Devices: ``config.device`` is resolved once (``auto`` -> CUDA when torch sees a GPU, else the CPU) and the
+resolved name is what the run's config.yaml and checkpoint state record. The model is built on the CPU
+(the same initial weights everywhere) and moved; the training data moves to the device once; every
+random tensor is drawn there by a generator on that device; checkpoints are written from CPU copies.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from protomem.diffusion.checkpoint import (
     save_checkpoint,
 )
 from protomem.diffusion.config import RESUME_FREE_FIELDS, DiffusionConfig, config_from_dict
+from protomem.diffusion.device import device_label, resolve_device
 from protomem.diffusion.models import build_model, count_parameters
 from protomem.diffusion.processes import NoiseProcess, build_process
 from protomem.diffusion.sampling import precision_context, sample_tokens, seeded_generator
@@ -58,6 +65,7 @@ class TrainResult:
         seconds: wall time of the whole run, including time before a resume.
         n_parameters: parameters of the denoiser.
         threads: torch threads used.
+        device: the device trained on (resolved, e.g. "cpu" or "cuda:0").
         eval_steps: the evaluation steps of the schedule.
         metrics: the rows of metrics.parquet as columns (step, loss, lr, seconds, samples_per_second, eval).
     """
@@ -68,6 +76,7 @@ class TrainResult:
     seconds: float
     n_parameters: int
     threads: int
+    device: str
     eval_steps: list[int]
     metrics: dict[str, list] = field(default_factory=dict)
 
@@ -116,16 +125,27 @@ def learning_rate(config: DiffusionConfig, step: int) -> float:
 
 
 class Trainer:
-    """Model, EMA, optimizer and the single-step update; ``train`` drives it."""
+    """Model, EMA, optimizer and the single-step update on one device; ``train`` drives it.
 
-    def __init__(self, config: DiffusionConfig, tokens: torch.Tensor, classes: torch.Tensor | None) -> None:
+    ``device`` (default: ``config.device`` resolved) receives the model and, once, the training data.
+    """
+
+    def __init__(
+        self,
+        config: DiffusionConfig,
+        tokens: torch.Tensor,
+        classes: torch.Tensor | None,
+        device: torch.device | None = None,
+    ) -> None:
         self.config = config
-        self.tokens = tokens
-        self.classes = classes
+        self.device = device if device is not None else resolve_device(config.device)
+        self.tokens = tokens.to(self.device)
+        self.classes = None if classes is None else classes.to(self.device)
+        self.precision = config.resolved_precision(self.device)
         self.process: NoiseProcess = build_process(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model: nn.Module = build_model(config, self.process.n_input_tokens)
+            self.model: nn.Module = build_model(config, self.process.n_input_tokens).to(self.device)
         self.ema_model: nn.Module | None = None
         if config.ema_decay is not None:
             self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
@@ -137,14 +157,16 @@ class Trainer:
     def step(self, step: int) -> float:
         """One optimizer step with the randomness of step ``step``; returns the loss."""
         config = self.config
-        generator = seeded_generator(config.seed, TRAIN_STREAM, step)
-        index = torch.randint(0, self.tokens.shape[0], (config.batch_size,), generator=generator)
+        generator = seeded_generator(config.seed, TRAIN_STREAM, step, device=self.device)
+        index = torch.randint(
+            0, self.tokens.shape[0], (config.batch_size,), generator=generator, device=self.device
+        )
         x0 = self.tokens[index]
         classes = None if self.classes is None else self.classes[index]
         lr = learning_rate(config, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with precision_context(config.resolved_precision()):
+        with precision_context(self.precision, self.device.type):
             loss = self.process.loss(self.model, x0, classes, generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,7 +207,7 @@ def probe_threads(config: DiffusionConfig, tokens: torch.Tensor, classes: torch.
     if len(candidates) == 1:
         return candidates[0]
     probe_config = config.model_copy(update={"ema_decay": None, "warmup_steps": 0})
-    trainer = Trainer(probe_config, tokens, classes)
+    trainer = Trainer(probe_config, tokens, classes, torch.device("cpu"))
     previous = torch.get_num_threads()
     timings = {}
     try:
@@ -275,6 +297,9 @@ def train(
         config = config_from_dict(config)
     run_dir = Path(run_dir)
     tokens, class_tensor = validate_data(data, classes, config)
+    device = resolve_device(config.device)
+    if config.device != str(device):  # record the device actually used
+        config = DiffusionConfig(**{**config.model_dump(), "device": str(device)})
     check_dir_target(run_dir, overwrite=overwrite and not resume)
     start_step, state = 0, None
     resume_from = latest_step(run_dir) if resume and run_dir.is_dir() else None
@@ -282,7 +307,7 @@ def train(
         state = read_state(checkpoint_dir(run_dir, resume_from), with_optimizer=True)
         _check_resume_config(state["config"], config, checkpoint_dir(run_dir, resume_from) / "state.json")
         start_step = resume_from
-    trainer = Trainer(config, tokens, class_tensor)
+    trainer = Trainer(config, tokens, class_tensor, device)
     if state is not None:  # every tensor is checked before anything is written
         directory = checkpoint_dir(run_dir, start_step)
         load_training_state(directory, state, trainer.model, trainer.ema_model, trainer.optimizer)
@@ -304,12 +329,13 @@ def train(
     threads = config.threads or (state or {}).get("threads")
     previous_threads = torch.get_num_threads()
     if threads is None:
-        threads = probe_threads(config, tokens, class_tensor)
+        # on an accelerator the CPU threads only feed it: keep torch's count rather than probe
+        threads = probe_threads(config, tokens, class_tensor) if device.type == "cpu" else previous_threads
     torch.set_num_threads(int(threads))
     try:
         if on_start is not None:
             on_start(start_step)
-        return _train_loop(trainer, run_dir, state, start_step, int(threads), eval_callback, progress)
+        return _train_loop(trainer, run_dir, state, start_step, int(threads), device, eval_callback, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -320,11 +346,12 @@ def _train_loop(
     state: dict[str, Any] | None,
     start_step: int,
     threads: int,
+    device: torch.device,
     eval_callback: EvalCallback | None,
     progress: bool,
 ) -> TrainResult:
     """Train from ``start_step`` (the trainer already holds the resumed weights and optimizer state)."""
-    config, class_tensor = trainer.config, trainer.classes
+    config = trainer.config
     n_parameters = count_parameters(trainer.model)
     metrics_path = run_dir / "metrics.parquet"
     rows: list[dict[str, Any]] = []
@@ -349,6 +376,8 @@ def _train_loop(
         return {
             "config": config.model_dump(),
             "threads": threads,
+            "device": str(device),
+            "device_label": device_label(device),
             "seconds": elapsed(),
             "eval_losses": eval_losses,
             "log_losses": log_losses,
@@ -395,7 +424,7 @@ def _train_loop(
                     run_dir, step, trainer.model, trainer.ema_model, trainer.optimizer, state_doc()
                 )
                 if is_eval and eval_callback is not None:
-                    samples, sample_classes = _eval_samples(trainer, config, step, class_tensor)
+                    samples, sample_classes = _eval_samples(trainer, config, step)
                     info = {
                         "loss": eval_loss,
                         "lr": learning_rate(config, step),
@@ -422,20 +451,24 @@ def _train_loop(
         seconds=elapsed(),
         n_parameters=n_parameters,
         threads=threads,
+        device=str(device),
         eval_steps=eval_steps,
         metrics={c: [row[c] for row in rows] for c in (rows[0] if rows else {})},
     )
 
 
 def _eval_samples(
-    trainer: Trainer, config: DiffusionConfig, step: int, class_tensor: torch.Tensor | None
+    trainer: Trainer, config: DiffusionConfig, step: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The evaluation samples of ``step``: (K, N) int64 and their classes (drawn from the training set's)."""
-    generator = seeded_generator(config.seed, EVAL_STREAM, step)
+    """The evaluation samples of ``step`` as numpy: (K, N) int64 and their classes (drawn from the
+    training set's)."""
+    generator = seeded_generator(config.seed, EVAL_STREAM, step, device=trainer.device)
     classes = None
-    if class_tensor is not None:
-        pick = torch.randint(0, class_tensor.shape[0], (config.eval_samples,), generator=generator)
-        classes = class_tensor[pick].numpy()
+    if trainer.classes is not None:
+        pick = torch.randint(
+            0, trainer.classes.shape[0], (config.eval_samples,), generator=generator, device=trainer.device
+        )
+        classes = trainer.classes[pick].cpu().numpy()
     samples = sample_tokens(
         trainer.sampling_model, trainer.process, config, config.eval_samples, generator, classes=classes
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from protomem.diffusion.device import DEFAULT_GPU_TFLOPS, DEVICE_CHOICES
 from protomem.errors import ProtomemError
 
 console = Console(stderr=True)
@@ -56,8 +57,22 @@ def study(
         help="Conditions run at once (default: cores // threads; 1 = one after another).",
     ),
     modality: Modality = typer.Option(Modality.strings, "--modality", help="strings (RHM) or images."),
+    device: str = typer.Option(
+        None, "--device", help=f"{DEVICE_CHOICES} for every condition [default: auto, CUDA if present]."
+    ),
+    plan: bool = typer.Option(
+        False, "--plan", help="Print the conditions, their cost and an estimated wall time; run nothing."
+    ),
+    gpu_tflops: float = typer.Option(
+        DEFAULT_GPU_TFLOPS, "--gpu-tflops", min=0.001, help="--plan: sustained GPU throughput assumed."
+    ),
 ) -> None:
     """Run the memorization study end to end: train, detect copies, relate them to prototypicality, report."""
+    if plan:
+        if modality == Modality.images:
+            raise ProtomemError("--plan estimates the string study; it does not cover --modality images")
+        _print_plan(preset.value, threads, jobs, device, gpu_tflops)
+        return
     if resume is not None and out is not None and Path(out) != Path(resume):
         raise ProtomemError("give either --out or --resume, not both")
     run_dir = Path(resume) if resume is not None else out
@@ -76,6 +91,7 @@ def study(
             resume=resume is not None,
             progress=True,
             threads=threads,
+            device=device,
         )
         console.print(f"report: {Path(path) / 'report.html' if Path(path).is_dir() else path}")
         typer.echo(str(Path(path) / "report.html" if Path(path).is_dir() else path))
@@ -89,9 +105,37 @@ def study(
         overwrite=overwrite,
         progress=True,
         threads=threads,
+        jobs=jobs,
+        device=device,
     )
     console.print(summary_paragraph(path), highlight=False)
     typer.echo(str(path / "report.html"))
+
+
+def _print_plan(
+    preset: str, threads: int | None, jobs: int | None, device: str | None, tflops: float
+) -> None:
+    """``study --plan``: time the preset's models here and print the estimate (stdout)."""
+    from rich.console import Console as StdoutConsole
+
+    from protomem.diffusion.device import resolve_device
+    from protomem.study.plan import plan_conditions, plan_summary, plan_table
+    from protomem.study.presets import get_preset
+    from protomem.study.runner import parallel_settings, with_device
+
+    if device is not None:
+        resolve_device(device)
+    chosen = get_preset(preset)
+    conditions = with_device(chosen.conditions, device)
+    threads, jobs = parallel_settings(len(conditions), threads, jobs)
+    estimate = plan_conditions(conditions, jobs=jobs, threads=threads or 1, on_measure=console.print)
+    out = StdoutConsole()
+    if not out.is_terminal:
+        out = StdoutConsole(width=250)
+    title = f"study plan: preset {preset} ({chosen.description}), {len(conditions)} condition(s)"
+    out.print(plan_table(estimate, title))
+    for line in plan_summary(estimate, tflops):
+        out.print(line, highlight=False)
 
 
 def report(

@@ -153,7 +153,10 @@ def _save_checkpoint(run: Path, model, optimizer, generator, step: int, losses: 
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
+    save_file(  # CPU copies: the checkpoint does not depend on the device
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(staging / "model.safetensors"),
+    )
     groups = save_optimizer(optimizer, staging / "optimizer.safetensors", {"format": CHECKPOINT_FORMAT})
     doc = {
         "format": CHECKPOINT_FORMAT,
@@ -266,14 +269,20 @@ def run_image_study(
     resume: bool = False,
     progress: bool = True,
     threads: int | None = None,
+    device: str | None = None,
 ) -> Path:
-    """Run the image memorization study into ``out_dir``; returns it. See the module docstring."""
+    """Run the image memorization study into ``out_dir``; returns it. See the module docstring.
+
+    ``device``: ``auto | cpu | cuda | cuda:N | mps`` (None = auto: CUDA when torch sees one, else the CPU).
+    """
     import torch
 
     from protomem.audit.core import AuditConfig, audit_images
+    from protomem.diffusion.device import device_label, resolve_device
     from protomem.diffusion.images import ImageUNet, NoiseSchedule, diffusion_loss, sample_images
 
     settings = get_image_preset(preset)
+    target = resolve_device(device or "auto")
     run = Path(out_dir)
     from protomem.outputs import check_dir_target
 
@@ -294,25 +303,29 @@ def run_image_study(
     caller_threads = torch.get_num_threads()
 
     train01, dataset_index, labels, all_digits = load_digit_subset(settings.n_train, settings.seed)
-    x_train = torch.tensor(train01.transpose(0, 3, 1, 2) * 2 - 1)
+    x_train = torch.tensor(train01.transpose(0, 3, 1, 2) * 2 - 1).to(target)
     torch.manual_seed(settings.seed)
-    model = ImageUNet(channels=1, width=settings.width)
-    schedule = NoiseSchedule(settings.timesteps)
+    model = ImageUNet(channels=1, width=settings.width).to(target)  # initialised on the CPU, then moved
+    schedule = NoiseSchedule(settings.timesteps).to(target)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator(device=target).manual_seed(settings.seed)
 
     def probe() -> None:
         copy = ImageUNet(channels=1, width=settings.width)
+        cpu_schedule = NoiseSchedule(settings.timesteps)
         for _ in range(5):
             diffusion_loss(
-                copy, schedule, x_train[: settings.batch_size], torch.Generator().manual_seed(0)
+                copy, cpu_schedule, x_train[: settings.batch_size].cpu(), torch.Generator().manual_seed(0)
             ).backward()
 
-    n_threads = _pick_threads(threads, probe)
+    # the thread probe times the CPU; on an accelerator keep torch's thread count
+    n_threads = _pick_threads(threads, probe) if target.type == "cpu" else threads or caller_threads
     torch.set_num_threads(n_threads)
     config_doc = {
         "preset": asdict(settings),
         "threads": n_threads,
+        "device": str(target),
+        "device_label": device_label(target),
         "eval_steps": eval_schedule(settings),
         "versions": _versions(),
         "data": "sklearn.datasets.load_digits (8x8, 1797 images)",
@@ -346,7 +359,9 @@ def run_image_study(
             model.train()
             while step < settings.steps:
                 batch = x_train[
-                    torch.randint(0, settings.n_train, (settings.batch_size,), generator=generator)
+                    torch.randint(
+                        0, settings.n_train, (settings.batch_size,), generator=generator, device=target
+                    )
                 ]
                 loss = diffusion_loss(model, schedule, batch, generator)
                 optimizer.zero_grad(set_to_none=True)
@@ -378,6 +393,7 @@ def run_image_study(
         summary = analyse(run, settings, evals, train01, dataset_index, labels, all_digits, losses)
         summary["seconds"] = time.perf_counter() - started
         summary["threads"] = n_threads
+        summary["device"] = str(target)
         write_image_study_report(run, summary)
         summary["status"] = "complete"
         write_json_atomic(run / "summary.json", _json_ready(summary))

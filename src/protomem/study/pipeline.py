@@ -2,7 +2,7 @@
 
 ``run_condition(config, out_dir)`` writes into ``out_dir``:
 
-    config.yaml          the resolved condition, seeds, package versions, threads used
+    config.yaml          the resolved condition, seeds, package versions, the device trained on
     grammar.json         the RHM
     train.parquet        the P training strings (tokens, class, logprob): a plain or a matched draw
     heldout.parquet      held-out grammar strings (not in the training set) for the likelihood endpoint
@@ -27,13 +27,15 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from protomem.diffusion.config import RESUME_FREE_FIELDS
+from protomem.diffusion.device import device_label, resolve_device
 from protomem.errors import ProtomemError
 from protomem.grammar import (
     RHM,
@@ -56,6 +58,9 @@ from protomem.neighbors import row_keys
 from protomem.study.config import ConditionConfig, condition_from_dict
 from protomem.study.design import TrainingSet, draw_training_set
 from protomem.textio import load_json, load_yaml, require_inside
+
+if TYPE_CHECKING:
+    import torch
 
 EVALS_DIR = "evals"
 TRAIN_DIR = "train"
@@ -137,8 +142,9 @@ def _prepare_dir(config: ConditionConfig, out_dir: Path, resume: bool, overwrite
         return
     saved = load_condition_config(out_dir).model_dump(mode="json")
     mine = config.model_dump(mode="json")
-    saved["diffusion"].pop("threads", None)
-    mine["diffusion"].pop("threads", None)
+    for free in RESUME_FREE_FIELDS:  # threads and device may change between a run and its resumption
+        saved["diffusion"].pop(free, None)
+        mine["diffusion"].pop(free, None)
     if saved != mine:
         raise ProtomemError(
             "the run directory holds a different condition; resume it with its own config", path=out_dir
@@ -179,8 +185,8 @@ def run_condition(
     """Run one condition into ``out_dir`` (see the module docstring) and return ``out_dir``.
 
     Args:
-        resume: continue a killed run (its config must match, apart from threads); a complete run is
-            returned as is.
+        resume: continue a killed run (its config must match, apart from threads and device); a complete
+            run is returned as is.
         overwrite: replace a non-empty ``out_dir`` (otherwise refused).
         progress: show progress bars and stage messages.
     """
@@ -206,6 +212,7 @@ def run_condition(
             out_dir / "heldout.parquet", heldout.tokens, classes=heldout.classes, logprobs=heldout.logprob
         )
     diffusion_config = config.diffusion_config()
+    device = resolve_device(diffusion_config.device)
     doc = {
         "condition": config.model_dump(mode="json"),
         "diffusion_config": diffusion_config.model_dump(mode="json"),
@@ -216,6 +223,8 @@ def run_condition(
             "analysis": config.analysis.seed,
         },
         "versions": _versions(),
+        "device": str(device),
+        "device_label": device_label(device),
     }
     write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
     timings["setup"] = time.perf_counter() - clock
@@ -225,7 +234,7 @@ def run_condition(
         # `protomem sample` and the finer-sampler check use, so every sample can be regenerated later.
         from protomem.diffusion import load_checkpoint
 
-        loaded = load_checkpoint(out_dir / TRAIN_DIR, step)
+        loaded = load_checkpoint(out_dir / TRAIN_DIR, step, device=device)
         samples = _sample_loaded(loaded, config.evaluation.n_samples, None, config.diffusion.seed)
         result = classify_samples(grammar, data.tokens, samples)
         columns = _samples_columns(step, "train", samples, result)
@@ -253,7 +262,7 @@ def run_condition(
     finer_path = out_dir / EVALS_DIR / "finer.parquet"
     if not finer_path.is_file():
         say(f"finer-sampler check on the final checkpoint ({config.finer_sampling_steps()} steps)")
-        _finer_check(config, out_dir, grammar, data.tokens, finer_path, result.threads)
+        _finer_check(config, out_dir, grammar, data.tokens, finer_path, result.threads, device)
     timings["finer_sampler"] = time.perf_counter() - clock
 
     from protomem.study.analysis import analyze_condition
@@ -266,6 +275,7 @@ def run_condition(
     summary["training_set"] = training.summary()
     summary["min_excess"] = config.analysis.min_excess
     summary["threads"] = int(result.threads)
+    summary["device"] = result.device
     summary["train_seconds"] = float(result.seconds)
     summary["status"] = "analysed"
     write_json_atomic(out_dir / "summary.json", summary)
@@ -287,15 +297,23 @@ def run_condition(
 
 
 def _sample_checkpoint(
-    out_dir: Path, step: int | None, count: int, sampling_steps: int | None, seed: int
+    out_dir: Path,
+    step: int | None,
+    count: int,
+    sampling_steps: int | None,
+    seed: int,
+    device: torch.device,
 ) -> np.ndarray:
-    """(count, N) samples of the checkpoint at ``step`` (latest if None), seeded by (seed, step)."""
+    """(count, N) samples (numpy) of the checkpoint at ``step`` (latest if None) drawn on ``device``,
+    seeded by (seed, step)."""
     from protomem.diffusion import load_checkpoint
 
-    return _sample_loaded(load_checkpoint(out_dir / TRAIN_DIR, step), count, sampling_steps, seed)
+    loaded = load_checkpoint(out_dir / TRAIN_DIR, step, device=device)
+    return _sample_loaded(loaded, count, sampling_steps, seed)
 
 
 def _sample_loaded(loaded: Any, count: int, sampling_steps: int | None, seed: int) -> np.ndarray:
+    """(count, N) samples (numpy) of a loaded checkpoint, on its device, seeded by (seed, its step)."""
     from protomem.diffusion import generate
 
     key = int(np.random.SeedSequence([seed, int(loaded.step), 0x5EED]).generate_state(1)[0])
@@ -354,7 +372,13 @@ def _likelihood_columns(
 
 
 def _finer_check(
-    config: ConditionConfig, out_dir: Path, grammar: RHM, train_tokens: np.ndarray, path: Path, threads: int
+    config: ConditionConfig,
+    out_dir: Path,
+    grammar: RHM,
+    train_tokens: np.ndarray,
+    path: Path,
+    threads: int,
+    device: torch.device,
 ) -> None:
     import torch
 
@@ -370,6 +394,7 @@ def _finer_check(
             config.evaluation.n_samples,
             config.finer_sampling_steps(),
             config.diffusion.seed + 1,
+            device,
         )
     finally:
         torch.set_num_threads(previous)

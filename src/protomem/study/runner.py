@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from protomem.diffusion.device import device_label, resolve_device
 from protomem.errors import ProtomemError
 from protomem.io import is_non_empty_dir, start_fresh_run_dir, write_json_atomic
 from protomem.study import stats
@@ -29,6 +30,7 @@ from protomem.study.analysis import beyond_likelihood_name, verdict_lead
 from protomem.study.claims import pooled_claim, skew_claim
 from protomem.study.config import ConditionConfig, apply_overrides
 from protomem.study.pipeline import is_complete, read_summary, run_condition
+from protomem.study.plan import submission_order
 from protomem.study.power import power_curve
 from protomem.study.presets import PRESETS, get_preset
 from protomem.study.report import STUDY_FILE, render_study_report
@@ -201,7 +203,10 @@ def _condition_step(condition_dir: Path) -> int:
 
 
 def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, progress: bool) -> None:
-    """Run conditions in ``jobs`` worker processes; progress per condition polled from its checkpoints."""
+    """Run conditions in ``jobs`` worker processes, submitted longest first by counted FLOPs
+    (protomem.study.plan.submission_order: the schedule ``--plan`` simulates); each condition's results
+    do not depend on when it runs. Progress per condition polled from its checkpoints, shown in the
+    given order."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -209,6 +214,7 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
 
     context = multiprocessing.get_context("spawn")
     dirs = {c.name: out_dir / "conditions" / c.name for c in conditions}
+    ordered = [conditions[i] for i in submission_order(conditions)]  # counted before any worker starts
     with (
         ProcessPoolExecutor(
             max_workers=jobs, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
@@ -224,7 +230,7 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
     ):
         tasks = {c.name: bars.add_task(c.name, total=c.diffusion.steps) for c in conditions}
         overall = bars.add_task("all conditions", total=sum(c.diffusion.steps for c in conditions))
-        futures = {pool.submit(_run_one, c, str(dirs[c.name])): c.name for c in conditions}
+        futures = {pool.submit(_run_one, c, str(dirs[c.name])): c.name for c in ordered}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
@@ -244,6 +250,26 @@ def _run_parallel(conditions: list[ConditionConfig], out_dir: Path, jobs: int, p
             bars.update(overall, completed=total)
 
 
+def parallel_settings(n_conditions: int, threads: int | None, jobs: int | None) -> tuple[int | None, int]:
+    """(threads per condition, conditions at once) of a study: jobs default cores // threads, at most
+    the number of conditions; with more than one job, one thread each unless asked otherwise. threads
+    None (only with one job) means: probe."""
+    cores = os.cpu_count() or 1
+    if jobs is None:
+        jobs = max(1, cores // (threads or 1))
+    jobs = max(1, min(jobs, n_conditions))
+    if threads is None and jobs > 1:
+        threads = 1
+    return threads, jobs
+
+
+def with_device(conditions: list[ConditionConfig], device: str | None) -> list[ConditionConfig]:
+    """The conditions with ``diffusion.device`` set to ``device`` (unchanged when None)."""
+    if device is None:
+        return list(conditions)
+    return [apply_overrides(c, {"diffusion.device": device}) for c in conditions]
+
+
 def run_study(
     out_dir: str | Path,
     *,
@@ -253,6 +279,7 @@ def run_study(
     progress: bool = True,
     threads: int | None = None,
     jobs: int | None = None,
+    device: str | None = None,
 ) -> Path:
     """Run every condition of ``preset`` into ``out_dir/conditions/`` and write the pooled verdict and report.
 
@@ -263,20 +290,22 @@ def run_study(
             parallel on the cores (small models run faster that way than two threads on one), or with
             ``jobs=1`` probe 1 vs all cores once (first condition) and reuse the choice.
         jobs: conditions run at the same time (processes); None = cores // threads.
+        device: ``auto | cpu | cuda | cuda:N | mps`` for every condition (None: the preset's, ``auto``);
+            checked here, before any work. Conditions run in parallel share the device.
     """
     out_dir = Path(out_dir)
+    if device is not None:
+        resolve_device(device)  # a device this machine lacks fails now, before any work or worker
     saved = _prepare(out_dir, preset, resume, overwrite)
     if saved is not None:
         preset = saved["preset"]
         threads = threads or saved.get("threads")
         jobs = jobs or saved.get("jobs")
-    conditions = get_preset(preset).conditions
+        device = device or saved.get("device")
+    conditions = with_device(get_preset(preset).conditions, device)
+    resolved = resolve_device(conditions[0].diffusion.device)
     cores = os.cpu_count() or 1
-    if jobs is None:
-        jobs = max(1, cores // (threads or 1))
-    jobs = max(1, min(jobs, len(conditions)))
-    if threads is None and jobs > 1:
-        threads = 1
+    threads, jobs = parallel_settings(len(conditions), threads, jobs)
     clock = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     doc: dict[str, Any] = {
@@ -287,6 +316,9 @@ def run_study(
         "alpha": conditions[0].analysis.alpha,
         "threads": threads,
         "jobs": jobs,
+        "device": device,
+        "device_resolved": str(resolved),
+        "device_label": device_label(resolved),
         "threads_policy": (
             "probe 1 vs all cores (first condition), reused"
             if threads is None
@@ -433,7 +465,7 @@ def summary_paragraph(study_dir: Path) -> str:
     doc = json.loads((Path(study_dir) / STUDY_FILE).read_text())
     parts = [
         f"Study ({doc['preset']} preset, {len(doc['conditions'])} conditions, {doc['seconds']:.0f} s, "
-        f"{doc['threads']} torch thread(s)). {doc['verdict']}"
+        f"{doc['threads']} torch thread(s), {doc.get('device_resolved', 'cpu')}). {doc['verdict']}"
     ]
     for name in doc["conditions"]:
         summary = read_summary(Path(study_dir) / "conditions" / name) or {}

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from protomem.diffusion.device import DEFAULT_GPU_TFLOPS
 from protomem.errors import ProtomemError
 from protomem.outputs import check_output_dir
 
@@ -73,12 +74,27 @@ def run_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate every point and list them with their state; run nothing."
     ),
+    device: str = typer.Option(
+        None, "--device", help="Every point's device: auto, cpu, cuda or mps [default: the sweep file's]."
+    ),
+    plan: bool = typer.Option(
+        False, "--plan", help="List the points, their cost and an estimated wall time here; run nothing."
+    ),
+    gpu_tflops: float = typer.Option(
+        DEFAULT_GPU_TFLOPS, "--gpu-tflops", min=0.001, help="--plan: sustained GPU throughput assumed."
+    ),
 ) -> None:
     """Run every point of SWEEP_FILE (re-running skips finished points and resumes interrupted ones)."""
     from protomem.sweep.runner import require_ray, run_sweep
-    from protomem.sweep.spec import load_spec
+    from protomem.sweep.spec import check_sweep_device, load_spec
 
     spec = load_spec(sweep_file)
+    if device is not None:
+        try:
+            check_sweep_device(device)
+        except ValueError as exc:
+            raise ProtomemError(f"--device: {exc}") from None
+        spec = spec.model_copy(update={"device": device})
     out_dir = Path(os.path.abspath(out if out is not None else Path("runs") / "sweeps" / str(spec.name)))
     check_output_dir(out_dir)
     check_thresholds(mem_threshold, gen_threshold)
@@ -91,8 +107,10 @@ def run_command(
         if exc.path is not None:
             raise
         raise ProtomemError(exc.message, path=sweep_file, where=exc.where) from None
-    if dry_run:
+    if dry_run or plan:
         _print_plan(spec, out_dir, configs)
+        if plan:
+            _print_estimate(spec, out_dir, cpus if address is None else None, gpu_tflops)
         return
     require_ray()  # fail before any work when the extra is missing
     result = run_sweep(
@@ -161,6 +179,42 @@ def _print_plan(spec, out_dir: Path, configs: dict) -> None:
     if not out.is_terminal:
         out = StdoutConsole(width=250)
     out.print(table)
+
+
+def _print_estimate(spec, out_dir: Path, cpus: int | None, tflops: float) -> None:
+    """``sweep --plan``: the unfinished points' cost and wall time, one torch thread per point, as many
+    points at once as the local Ray has CPUs."""
+    import os
+
+    from rich.console import Console as StdoutConsole
+
+    from protomem.study.plan import plan_conditions, plan_summary, plan_table
+    from protomem.sweep.conditions import point_configs
+    from protomem.sweep.layout import SweepLayout, is_complete
+    from protomem.sweep.spec import expand_points
+
+    layout = SweepLayout(out_dir)
+    todo = [p for p in expand_points(spec) if not is_complete(layout.run_dir(p.name))]
+    out = StdoutConsole()
+    if not out.is_terminal:
+        out = StdoutConsole(width=250)
+    if not todo:
+        out.print("every point is finished: nothing to run")
+        return
+    configs = point_configs(spec, todo)
+    jobs = min(len(todo), cpus or os.cpu_count() or 1)
+    estimate = plan_conditions(
+        [configs[p.name] for p in todo],
+        jobs=jobs,
+        threads=1,
+        names=[p.name for p in todo],
+        on_measure=console.print,
+        longest_first_order=False,  # Ray starts the points in the spec's order
+    )
+    out.print(plan_table(estimate, f"sweep {spec.name}: {len(todo)} point(s) to run, {jobs} at a time"))
+    for line in plan_summary(estimate, tflops):
+        out.print(line, highlight=False)
+    out.print("(a cluster given by --address runs as many points at once as it has CPUs, or GPUs for cuda)")
 
 
 @app.command("query")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from protomem.errors import ProtomemError
-from protomem.sweep.spec import BaseCondition, SweepPoint, SweepSpec
+from protomem.sweep.spec import BaseCondition, SweepPoint, SweepSpec, check_sweep_device
 
 # Each point trains with one torch thread: Ray gives every point one CPU, so the study must not probe for
 # more. The first key the study config accepts is set (the study may name it either way).
@@ -64,11 +64,9 @@ def with_one_thread(config: Any) -> Any:
     return config
 
 
-def point_configs(
-    spec: SweepSpec, points: list[SweepPoint], path: object | None = None
-) -> dict[str, Any]:
-    """Point name -> its validated ConditionConfig (one thread per point). Errors name the sweep file
-    ``path`` and the point (or the base field)."""
+def point_configs(spec: SweepSpec, points: list[SweepPoint], path: object | None = None) -> dict[str, Any]:
+    """Point name -> its validated ConditionConfig (one thread per point; the spec's device, if it names
+    one). Errors name the sweep file ``path`` and the point (or the base field)."""
     study_config, _ = _study()
     try:
         base = base_config(spec.base)
@@ -78,12 +76,23 @@ def point_configs(
     for point in points:
         try:
             config = study_config.apply_overrides(base, dict(point.params))
-        except ProtomemError as exc:
-            raise ProtomemError(exc.message, path=path, where=f"point {point.name}") from None
+            if spec.device is not None:
+                config = study_config.apply_overrides(config, {"diffusion.device": spec.device})
+            check_sweep_device(point_device(config))
+        except (ProtomemError, ValueError) as exc:
+            message = exc.message if isinstance(exc, ProtomemError) else str(exc)
+            raise ProtomemError(message, path=path, where=f"point {point.name}") from None
         configs[point.name] = with_one_thread(config)
     return configs
 
 
+def point_device(config: Any) -> str:
+    """The device setting of a point's config ("cpu" for a config without one, e.g. a test stand-in)."""
+    diffusion = getattr(config, "diffusion", None)
+    return str(getattr(diffusion, "device", "cpu"))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a ConditionConfig (stored in the manifest, compared on re-runs)."""
+    """A JSON-ready dict of a ConditionConfig (stored in the manifest, compared on re-runs, where the
+    device and threads do not count: a point started on one device may finish on another)."""
     return config.model_dump(mode="json")

@@ -1,11 +1,12 @@
 """Run every point of a sweep as a Ray task, retrying failed or killed points, never redoing finished ones.
 
 The driver validates all points, writes the manifest (with a fresh session id), skips finished points,
-and submits one Ray task per remaining point (``num_cpus=1``; the task pins torch to one thread, so N
-cores run N points without oversubscription). A task that raises or whose worker dies (killed, out of
-memory) is resubmitted up to ``retries`` times; the new attempt calls ``run_condition(..., resume=True)``
-on the same run directory and continues from the point's last checkpoint. Without ``address`` a private
-local Ray is started with all cores (or ``num_cpus``) and shut down at the end, also on errors and Ctrl-C.
+and submits one Ray task per remaining point (``num_cpus=1``, plus ``num_gpus`` for a CUDA point; the
+task pins torch to one thread, so N cores run N points without oversubscription). A task that raises or
+whose worker dies (killed, out of memory) is resubmitted up to ``retries`` times; the new attempt calls
+``run_condition(..., resume=True)`` on the same run directory and continues from the point's last
+checkpoint. Without ``address`` a private local Ray is started with all cores (or ``num_cpus``) and shut
+down at the end, also on errors and Ctrl-C.
 
 On a cluster every node must see the sweep directory at the same absolute path. A worker first checks
 that it sees this session's manifest and otherwise fails the attempt without writing anything; the
@@ -34,6 +35,7 @@ import yaml
 
 from protomem.errors import ProtomemError
 from protomem.outputs import check_output_dir
+from protomem.sweep.conditions import point_device
 from protomem.sweep.layout import (
     SweepLayout,
     append_attempt,
@@ -43,7 +45,7 @@ from protomem.sweep.layout import (
     read_manifest,
     write_manifest,
 )
-from protomem.sweep.spec import SweepPoint, SweepSpec, expand_points
+from protomem.sweep.spec import SweepPoint, SweepSpec, expand_points, ray_resources
 
 RAY_MISSING = "Ray is not installed; sweeps need it: pip install 'protomem[sweep]'"
 JOIN_TIMEOUT_S = 30.0  # joining a cluster given by --address fails after this long
@@ -171,9 +173,15 @@ def run_point(
     return {"seconds": seconds, "resumed": resume, "node": node}
 
 
+# Config keys a point may change between runs: a point started on one device can finish on another.
+RESUME_FREE_KEYS = frozenset({"diffusion.device"})
+
+
 def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
+        if f"{prefix}{key}" in RESUME_FREE_KEYS:
+            continue
         a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
         if isinstance(a, dict) and isinstance(b, dict):
             diffs.extend(_config_diff(a, b, f"{prefix}{key}."))
@@ -373,11 +381,14 @@ def execute_points(
     num_cpus: int | None = None,
     progress: bool = True,
     condition_runner: ConditionRunner | None = None,
+    num_gpus: float | None = None,
     result: SweepResult,
     session: str | None = None,
 ) -> None:
     """Run ``todo`` on Ray, retrying each point up to ``retries`` times; fills ``result``.
 
+    Each task asks Ray for one CPU, and ``num_gpus`` GPUs (default 1) when its point runs on CUDA
+    (:func:`protomem.sweep.spec.ray_resources`).
     ``session``: the id in this run's manifest, which every worker checks it sees before starting.
     """
     ray = require_ray()
@@ -395,11 +406,16 @@ def execute_points(
     started_here = _init_ray(ray, address, num_cpus)
     try:
         remote = ray.remote(num_cpus=1, max_retries=0)(run_point)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cluster = ray.cluster_resources()
+        cpus = int(cluster.get("CPU", 1))
+        resources = {
+            point.name: ray_resources(point_device(configs[point.name]), num_gpus, cluster.get("GPU", 0.0))
+            for point in todo
+        }
         pending: dict[Any, tuple[SweepPoint, int]] = {}
 
         def submit(point: SweepPoint, attempt: int) -> None:
-            ref = remote.remote(
+            ref = remote.options(**resources[point.name]).remote(
                 condition_runner,
                 configs[point.name],
                 str(layout.run_dir(point.name)),
@@ -522,6 +538,7 @@ def run_sweep(
                 num_cpus=num_cpus,
                 progress=progress,
                 condition_runner=condition_runner,
+                num_gpus=spec.num_gpus,
                 result=result,
                 session=session,
             )

@@ -17,10 +17,16 @@ A sweep file (YAML)::
     points:                       # explicit points, added to the grid's
       - {grammar.zipf_exponent: 0.0}
     retries: 2                    # optional default for --retries
+    device: cuda                  # optional: every point's diffusion.device (auto | cpu | cuda | mps)
+    num_gpus: 1                   # optional: GPUs Ray reserves per CUDA point (default 1; 0.5 = two a GPU)
 
 Each point is the base condition with the point's parameters applied
 (:func:`protomem.study.config.apply_overrides`). A point is named by its parameters alone
 (:func:`point_name`), so re-running a sweep finds the same run directories.
+
+Devices: a point whose device is CUDA (``device: cuda``, or ``diffusion.device`` set per point) asks Ray
+for ``num_gpus`` GPUs besides its CPU, so a cluster with GPUs runs one point per GPU; ``auto`` does so when
+the cluster has GPUs. Ray hands each task its own GPU as ``cuda``, so points name ``cuda``, not ``cuda:N``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,19 @@ class SweepSpec(BaseModel):
     grid: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(default_factory=dict)
     points: list[dict[str, Any]] = Field(default_factory=list)
     retries: int = Field(2, ge=0, description="Extra attempts for a failed or killed point.")
+    device: str | None = Field(
+        None, description="Every point's diffusion.device (auto | cpu | cuda | mps); None = the base's."
+    )
+    num_gpus: float | None = Field(
+        None, ge=0.0, description="GPUs Ray reserves for each CUDA point; None = 1 (0.5 = two per GPU)."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str | None) -> str | None:
+        if device is not None:
+            check_sweep_device(device)
+        return device
 
     @field_validator("grid")
     @classmethod
@@ -109,6 +128,22 @@ class SweepPoint:
 
     name: str
     params: dict[str, Any]
+
+
+def check_sweep_device(device: str) -> str:
+    """A device a sweep point may name: auto, cpu, cuda or mps (not cuda:N: Ray picks the GPU)."""
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        hint = " (Ray gives each point its own GPU: name it cuda)" if device.startswith("cuda:") else ""
+        raise ValueError(f"device must be auto, cpu, cuda or mps, got {device!r}{hint}")
+    return device
+
+
+def ray_resources(device: str, num_gpus: float | None, cluster_gpus: float) -> dict[str, float]:
+    """The Ray resources of one point: one CPU, and ``num_gpus`` (default 1) GPUs when the point runs on
+    CUDA: its device is ``cuda``, or ``auto`` on a cluster that has GPUs (``cluster_gpus`` > 0)."""
+    on_cuda = device.startswith("cuda") or (device == "auto" and cluster_gpus > 0)
+    gpus = (1.0 if num_gpus is None else float(num_gpus)) if on_cuda else 0.0
+    return {"num_cpus": 1, "num_gpus": gpus}
 
 
 def _is_group(values: list[Any]) -> bool:
