@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_audit.py                 # everything below
     .venv/bin/python benchmarks/bench_audit.py --only full     # the two targets of issue 14, the flags' cost
     .venv/bin/python benchmarks/bench_audit.py --only default  # the speed target alone (no optional flags)
+    .venv/bin/python benchmarks/bench_audit.py --only default --rounds 8  # ... 8 times, and the median
     .venv/bin/python benchmarks/bench_audit.py --scale 0.1     # a tenth of every size, for a quick look
 
 Targets (issue 14), 32x32 grey images in .npy files (uint8):
@@ -120,8 +121,20 @@ def write_inputs(folder: Path, n_train: int, n_out: int, size: int) -> tuple[np.
     return train, outputs
 
 
-def bench_full(n_train: int, n_out: int, size: int, variants: bool) -> None:
-    """The full command against a flat search timed just before it, in the same run."""
+def compile_protomem() -> None:
+    """Byte-compile protomem's modules, as pip does when it installs the package: a source checkout run in
+    an environment with PYTHONDONTWRITEBYTECODE set would otherwise recompile them at every start."""
+    import compileall
+
+    import protomem
+
+    compileall.compile_dir(Path(protomem.__file__).parent, quiet=1)
+
+
+def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int = 1) -> None:
+    """The full command against a flat search timed just before it, in the same run; ``rounds`` times each,
+    the variants interleaved, then the median ratio of each."""
+    compile_protomem()
     with tempfile.TemporaryDirectory(prefix="bench_audit_") as tmp:
         folder = Path(tmp)
         train, outputs = write_inputs(folder, n_train, n_out, size)
@@ -141,19 +154,32 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool) -> None:
                 ("--normalized", ["--normalized"]),
                 ("--max-shift 2", ["--max-shift", "2"]),
             ]
-        for i, (label, extra) in enumerate(runs):
-            flat, flat_cpu = flat_search_seconds(
-                train.astype(np.float32) / 255, outputs.astype(np.float32) / 255
-            )
-            seconds, cpu, peak = run_command([*base, "--out", str(folder / f"out{i}"), *extra])
-            inside = json.loads((folder / f"out{i}" / "summary.json").read_text())["seconds"]
-            print(
-                f"full command {label} | {size}x{size}: {n_train:,} train x {n_out:,} outputs | "
-                f"{seconds:.1f} s wall (audit_images {inside:.1f} s), {cpu:.1f} s CPU | faiss flat search "
-                f"{flat:.1f} s wall, {flat_cpu:.1f} s CPU | ratio {seconds / flat:.2f}x wall, "
-                f"{cpu / flat_cpu:.2f}x CPU | peak RSS {peak:.2f} GiB | load {os.getloadavg()[0]:.2f}",
-                flush=True,
-            )
+        ratios: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in runs}
+        for round_ in range(rounds):
+            for i, (label, extra) in enumerate(runs):
+                flat, flat_cpu = flat_search_seconds(
+                    train.astype(np.float32) / 255, outputs.astype(np.float32) / 255
+                )
+                out = folder / f"out{round_}-{i}"
+                seconds, cpu, peak = run_command([*base, "--out", str(out), *extra])
+                inside = json.loads((out / "summary.json").read_text())["seconds"]
+                ratios[label].append((seconds / flat, cpu / flat_cpu))
+                print(
+                    f"full command {label} | {size}x{size}: {n_train:,} train x {n_out:,} outputs | "
+                    f"{seconds:.1f} s wall (audit_images {inside:.1f} s), {cpu:.1f} s CPU | faiss flat "
+                    f"search {flat:.1f} s wall, {flat_cpu:.1f} s CPU | ratio {seconds / flat:.2f}x wall, "
+                    f"{cpu / flat_cpu:.2f}x CPU | peak RSS {peak:.2f} GiB | load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+        if rounds > 1:
+            for label, pairs in ratios.items():
+                wall, cpu = (np.array(column) for column in zip(*pairs, strict=True))
+                print(
+                    f"full command {label} | {rounds} rounds | ratio median {np.median(wall):.2f}x wall "
+                    f"(range {wall.min():.2f}-{wall.max():.2f}), {np.median(cpu):.2f}x CPU "
+                    f"(range {cpu.min():.2f}-{cpu.max():.2f})",
+                    flush=True,
+                )
 
 
 def brute_force_images(train: np.ndarray, queries: np.ndarray, config: AuditConfig) -> None:
@@ -223,6 +249,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply every size by this.")
     parts = ["full", "default", "memory", "images8", "images32", "text"]
     parser.add_argument("--only", choices=parts, default=None)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="Time the full command this many times (the median is printed)."
+    )
     args = parser.parse_args()
     import faiss
 
@@ -232,9 +261,9 @@ def main() -> None:
         return max(10, int(n * args.scale))
 
     if args.only in (None, "full", "default"):
-        bench_full(scaled(50_000), scaled(5_000), 32, variants=args.only != "default")
+        bench_full(scaled(50_000), scaled(5_000), 32, variants=args.only != "default", rounds=args.rounds)
     if args.only in (None, "full", "memory"):
-        bench_full(scaled(100_000), scaled(10_000), 32, variants=False)
+        bench_full(scaled(100_000), scaled(10_000), 32, variants=False, rounds=args.rounds)
     if args.only in (None, "images8"):
         bench_images(scaled(100_000), scaled(10_000), 8, baseline=200)
     if args.only in (None, "images32"):

@@ -228,6 +228,7 @@ def test_tiny_study_sweep_killed_midway_resumes_and_gathers_every_point_once(tmp
         seen = render_report(layout.report, tmp_path / "sweep.png")
         assert seen["images"] >= 3 and "τ_mem" in seen["text"]
 
+
 def recording_runner(config, out_dir, *, resume=False, overwrite=False, progress=True):
     """Stand-in for run_condition on a real study config: records the Ray resources the task was given."""
     import ray

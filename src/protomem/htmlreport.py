@@ -12,15 +12,11 @@ import math
 import os
 from typing import Any
 
-import matplotlib
+import jinja2
+from markupsafe import Markup
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on the machines this runs on
-
-import jinja2  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-from markupsafe import Markup  # noqa: E402
-
-from protomem.io import write_text_atomic  # noqa: E402
+from protomem.io import write_text_atomic
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("protomem", "templates"),
@@ -29,15 +25,24 @@ _ENV = jinja2.Environment(
 )
 
 
-def figure_data_uri(fig: plt.Figure, dpi: int = 110) -> str:
-    """A ``data:image/png;base64,...`` URI of the figure; closes the figure."""
+def subplots(*grid: int, figsize: tuple[float, float] | None = None, **options: Any) -> tuple[Figure, Any]:
+    """A new figure and its axes, like ``matplotlib.pyplot.subplots(*grid, figsize=..., **options)``.
+
+    The figure is made without pyplot (matplotlib's advice for code that only writes files): no GUI
+    backend, no global registry of open figures to close, and a shorter import.
+    """
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **options)
+
+
+def figure_data_uri(fig: Figure, dpi: int = 110) -> str:
+    """A ``data:image/png;base64,...`` URI of the figure."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def figure_img(fig: plt.Figure, alt: str, dpi: int = 110) -> Markup:
+def figure_img(fig: Figure, alt: str, dpi: int = 110) -> Markup:
     """An ``<img>`` element with the figure inlined, ready to drop into a template."""
     alt_text = jinja2.utils.markupsafe.escape(alt)
     return Markup(f'<img class="figure" alt="{alt_text}" src="{figure_data_uri(fig, dpi)}">')

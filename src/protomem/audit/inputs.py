@@ -699,8 +699,11 @@ def image_bytes_keys(images: np.ndarray, chunk: int = 8192) -> np.ndarray:
     Built in chunks so the float temporaries stay at ``chunk`` images.
     """
     images = np.asarray(images)
-    out = np.empty((len(images), int(np.prod(images.shape[1:]))), dtype=np.uint8)
+    flat = images.reshape(len(images), -1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    work = np.empty((min(chunk, len(images)), flat.shape[1]), dtype=np.float32)  # one buffer, reused
     for start in range(0, len(images), chunk):
-        part = images[start : start + chunk].reshape(-1, out.shape[1])
-        out[start : start + chunk] = np.rint(part * np.float32(255)).astype(np.uint8)
+        part = work[: len(flat[start : start + chunk])]
+        np.multiply(flat[start : start + chunk], np.float32(255), out=part)
+        out[start : start + chunk] = np.rint(part, out=part)
     return out

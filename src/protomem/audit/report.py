@@ -117,13 +117,11 @@ def highlight(words: Sequence[str], start: int, length: int, context: int = 40) 
 
 
 def _histogram(values: np.ndarray, threshold: float | None, xlabel: str, title: str):
-    import matplotlib.pyplot as plt
+    from protomem.htmlreport import figure_img, subplots
 
-    from protomem.htmlreport import figure_img
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.0))
-    finite = values[np.isfinite(values)]
-    ax.hist(finite, bins=50, color="#2d6ca2")
+    fig, ax = subplots(figsize=(6.4, 3.0))
+    counts, edges = np.histogram(values[np.isfinite(values)], bins=50)
+    ax.stairs(counts, edges, fill=True, color="#2d6ca2")  # one artist, not 50 bars: the report draws faster
     if threshold is not None:
         ax.axvline(threshold, color="#b33", linestyle="--", label=f"threshold {threshold:.3g}")
         ax.legend()
@@ -134,14 +132,12 @@ def _histogram(values: np.ndarray, threshold: float | None, xlabel: str, title: 
 
 
 def _density_figure(per_train) -> Markup | None:
-    import matplotlib.pyplot as plt
-
-    from protomem.htmlreport import figure_img
+    from protomem.htmlreport import figure_img, subplots
 
     if "density" not in per_train.columns or per_train["density"].notna().sum() < 3:
         return None
     scored = per_train[per_train["density"].notna()]  # the copied items and the random reference
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    fig, ax = subplots(figsize=(6.4, 3.2))
     jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(scored))
     copied = scored["copies"] > 0
     ax.scatter(

@@ -130,10 +130,12 @@ def tile_rms(images_a: np.ndarray, images_b: np.ndarray, grid: int = 4) -> np.nd
     squared = a - b
     squared *= squared
     rows, cols = min(grid, height), min(grid, width)
-    if height % rows == 0 and width % cols == 0:  # equal tiles: one reshape instead of a loop
-        blocks = squared.reshape(count, rows, height // rows, cols, width // cols, channels)
-        sums = blocks.sum(axis=(2, 4, 5)).astype(np.float64)  # float32 sums of a tile's squares
-        return np.sqrt(sums / (blocks[0, 0, :, 0, :, :].size)).reshape(count, rows * cols)
+    if height % rows == 0 and width % cols == 0:  # equal tiles: reshapes instead of a loop
+        tile_h, tile_w = height // rows, width // cols
+        # the contiguous run of a tile's row (tile_w pixels x channels) first, then its rows: two fast sums
+        row_sums = squared.reshape(count, rows, tile_h, cols, tile_w * channels).sum(axis=4)
+        sums = row_sums.sum(axis=2).astype(np.float64)  # float32 sums of a tile's squares
+        return np.sqrt(sums / (tile_h * tile_w * channels)).reshape(count, rows * cols)
     return np.stack(
         [
             np.sqrt(squared[:, r, c, :].mean(axis=(1, 2, 3), dtype=np.float64))
@@ -146,11 +148,13 @@ def tile_rms(images_a: np.ndarray, images_b: np.ndarray, grid: int = 4) -> np.nd
 def tile_spread(images: np.ndarray, grid: int = 4) -> np.ndarray:
     """(K, T) standard deviation of the pixel values inside each tile (flat tiles carry no evidence)."""
     images = np.asarray(images, dtype=np.float32)
+    count, height, width, channels = images.shape
+    rows, cols = min(grid, height), min(grid, width)
+    if height % rows == 0 and width % cols == 0:  # equal tiles: one (K, T, values) copy, one std
+        blocks = images.reshape(count, rows, height // rows, cols, width // cols, channels)
+        return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(count, rows * cols, -1).std(axis=2)
     return np.stack(
-        [
-            images[:, r, c, :].reshape(len(images), -1).std(axis=1)
-            for r, c in tile_slices(*images.shape[1:3], grid)
-        ],
+        [images[:, r, c, :].reshape(count, -1).std(axis=1) for r, c in tile_slices(height, width, grid)],
         axis=1,
     )
 

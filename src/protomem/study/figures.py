@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-from protomem.htmlreport import plt  # the Agg backend is selected there
+from protomem.htmlreport import subplots
 
 QUARTILE_COLORS = ("#c6dbef", "#6baed6", "#2171b5", "#08306b")
 
@@ -19,8 +21,8 @@ def _level_name(level: int, branching: int, depth: int) -> str:
     return f"level {level} ({branching ** (depth - level)}-token blocks)"
 
 
-def loss_figure(train_log: pd.DataFrame | None, metrics: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+def loss_figure(train_log: pd.DataFrame | None, metrics: pd.DataFrame) -> Figure:
+    fig, ax = subplots(figsize=(6, 3.2))
     if train_log is not None and len(train_log):
         ax.plot(train_log["step"], train_log["loss"], color="#555", lw=1, label="training loss")
     ax.plot(
@@ -34,8 +36,8 @@ def loss_figure(train_log: pd.DataFrame | None, metrics: pd.DataFrame) -> plt.Fi
     return fig
 
 
-def phase_figure(metrics: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+def phase_figure(metrics: pd.DataFrame) -> Figure:
+    fig, ax = subplots(figsize=(6, 3.4))
     ax.plot(metrics["step"], metrics["frac_exact_copy"], "o-", color="#c0392b", label="exact copies")
     ax.plot(metrics["step"], metrics["frac_novel_valid"], "s-", color="#27ae60", label="novel valid")
     ax.plot(metrics["step"], metrics["frac_invalid"], "^-", color="#7f8c8d", label="invalid")
@@ -59,9 +61,9 @@ def phase_figure(metrics: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def partial_copy_figure(metrics: pd.DataFrame, branching: int, depth: int) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, depth))
+def partial_copy_figure(metrics: pd.DataFrame, branching: int, depth: int) -> Figure:
+    fig, ax = subplots(figsize=(6.4, 3.6))
+    colors = colormaps["viridis"](np.linspace(0, 0.9, depth))
     for level in range(depth):
         name = _level_name(level, branching, depth)
         ax.plot(metrics["step"], metrics[f"frac_block_copy_l{level}"], "o-", color=colors[level], label=name)
@@ -75,10 +77,10 @@ def partial_copy_figure(metrics: pd.DataFrame, branching: int, depth: int) -> pl
     return fig
 
 
-def scores_figure(per_example: pd.DataFrame, correlations: dict[str, Any], names: list[str]) -> plt.Figure:
+def scores_figure(per_example: pd.DataFrame, correlations: dict[str, Any], names: list[str]) -> Figure:
     cols = 3
     rows = int(np.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.9 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(11, 2.9 * rows), squeeze=False)
     rng = np.random.default_rng(0)
     first = per_example["first_memorized_index"].to_numpy()
     n_ckpt = int(first.max()) if len(first) else 0
@@ -99,8 +101,8 @@ def scores_figure(per_example: pd.DataFrame, correlations: dict[str, Any], names
     return fig
 
 
-def survival_figure(per_example: pd.DataFrame, steps: np.ndarray, score: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+def survival_figure(per_example: pd.DataFrame, steps: np.ndarray, score: str) -> Figure:
+    fig, ax = subplots(figsize=(6, 3.4))
     values = per_example[score].to_numpy(dtype=float)
     first = per_example["first_memorized_index"].to_numpy()
     edges = np.nanquantile(values, [0, 0.25, 0.5, 0.75, 1.0])
@@ -122,8 +124,8 @@ def survival_figure(per_example: pd.DataFrame, steps: np.ndarray, score: str) ->
     return fig
 
 
-def null_figure(nulls: pd.DataFrame, score: str, observed: float, endpoint: str = "copies") -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+def null_figure(nulls: pd.DataFrame, score: str, observed: float, endpoint: str = "copies") -> Figure:
+    fig, ax = subplots(figsize=(6, 3.2))
     if "endpoint" in nulls:
         nulls = nulls[nulls["endpoint"] == endpoint]
     for name, color in (("grammar", "#95a5a6"), ("calibrated", "#e67e22")):
@@ -138,9 +140,9 @@ def null_figure(nulls: pd.DataFrame, score: str, observed: float, endpoint: str 
     return fig
 
 
-def likelihood_figure(metrics: pd.DataFrame) -> plt.Figure:
+def likelihood_figure(metrics: pd.DataFrame) -> Figure:
     """Median likelihood gain of training and held-out strings, and the memorization threshold, per step."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     steps = metrics["step"]
     for column, style, color, label in (
         ("median_gain", "o-", "#c0392b", "training strings (median gain)"),
@@ -157,9 +159,9 @@ def likelihood_figure(metrics: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def power_figure(power: dict[str, Any]) -> plt.Figure:
+def power_figure(power: dict[str, Any]) -> Figure:
     """Power of the pooled test against both nulls vs the number of conditions, one line per endpoint."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     for endpoint, color in (("copies", "#c0392b"), ("likelihood", "#2d6ca2")):
         curve = power.get(endpoint)
         if not curve:
@@ -184,8 +186,8 @@ def power_figure(power: dict[str, Any]) -> plt.Figure:
     return fig
 
 
-def expected_copies_figure(per_example: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+def expected_copies_figure(per_example: pd.DataFrame) -> Figure:
+    fig, ax = subplots(figsize=(5.2, 3.6))
     x = per_example["expected_copies"].to_numpy()
     y = per_example["copies_final"].to_numpy()
     ax.scatter(x, y + 0.5, s=10, alpha=0.6, color="#2d6ca2")
@@ -200,13 +202,13 @@ def expected_copies_figure(per_example: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def slop_figure(slop: pd.DataFrame, n_train: int, n_samples: int, branching: int, depth: int) -> plt.Figure:
+def slop_figure(slop: pd.DataFrame, n_train: int, n_samples: int, branching: int, depth: int) -> Figure:
     from protomem.memorization.slop import overproduction_curve
 
     levels = [lv for lv in range(1, depth)] or [0]
-    fig, axes = plt.subplots(1, len(levels), figsize=(3.8 * len(levels), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(levels), figsize=(3.8 * len(levels), 3.4), squeeze=False)
     steps = np.sort(slop["step"].unique())
-    colors = plt.cm.plasma(np.linspace(0, 0.85, len(steps)))
+    colors = colormaps["plasma"](np.linspace(0, 0.85, len(steps)))
     for ax, level in zip(axes[0], levels, strict=True):
         for color, step in zip(colors, steps, strict=True):
             part = slop[(slop["step"] == step) & (slop["level"] == level)]
@@ -234,8 +236,8 @@ def slop_figure(slop: pd.DataFrame, n_train: int, n_samples: int, branching: int
     return fig
 
 
-def logistic_figure(coefficients: dict[str, dict[str, float]]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5.5, 0.45 * max(len(coefficients), 1) + 1.2))
+def logistic_figure(coefficients: dict[str, dict[str, float]]) -> Figure:
+    fig, ax = subplots(figsize=(5.5, 0.45 * max(len(coefficients), 1) + 1.2))
     names = list(coefficients)
     for i, name in enumerate(names):
         c = coefficients[name]
@@ -281,12 +283,12 @@ def _draw_tree(ax: Any, grammar: Any, tokens: np.ndarray, title: str) -> None:
     ax.set_title(title, fontsize=7)
 
 
-def trees_figure(grammar: Any, strings: list[tuple[np.ndarray, str]]) -> plt.Figure:
+def trees_figure(grammar: Any, strings: list[tuple[np.ndarray, str]]) -> Figure:
     """Derivation trees of several strings (tokens, title), three per row."""
     cols = 3
     rows = int(np.ceil(len(strings) / cols))
     width = max(3.2, 0.3 * grammar.branching**grammar.depth + 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * width, 2.5 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2 * width, 2.5 * rows), squeeze=False)
     for ax, (tokens, title) in zip(axes.ravel(), strings, strict=False):
         _draw_tree(ax, grammar, tokens, title)
     for ax in axes.ravel()[len(strings) :]:
@@ -295,9 +297,9 @@ def trees_figure(grammar: Any, strings: list[tuple[np.ndarray, str]]) -> plt.Fig
     return fig
 
 
-def forest_figure(rows: list[dict[str, Any]], pooled: dict[str, Any] | None) -> plt.Figure:
+def forest_figure(rows: list[dict[str, Any]], pooled: dict[str, Any] | None) -> Figure:
     """Per-condition rho with 95% CI and null means; the pooled estimate at the bottom."""
-    fig, ax = plt.subplots(figsize=(7, 0.45 * (len(rows) + 2) + 1.2))
+    fig, ax = subplots(figsize=(7, 0.45 * (len(rows) + 2) + 1.2))
     labels = []
     for i, row in enumerate(rows):
         ax.errorbar(

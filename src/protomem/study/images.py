@@ -713,10 +713,10 @@ def rebuild_preset(doc: dict) -> ImageStudyPreset:
 
 def _digit_strip(images: np.ndarray, titles: list[str], title: str):
     """One row of 8x8 digits with a caption under each (a matplotlib figure)."""
-    import matplotlib.pyplot as plt
+    from protomem.htmlreport import subplots
 
     count = max(1, len(images))
-    fig, axes = plt.subplots(1, count, figsize=(1.1 * count + 0.4, 1.6), squeeze=False)
+    fig, axes = subplots(1, count, figsize=(1.1 * count + 0.4, 1.6), squeeze=False)
     for ax, image, caption in zip(axes[0], images, titles, strict=False):
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(caption, fontsize=7)
@@ -728,11 +728,10 @@ def _digit_strip(images: np.ndarray, titles: list[str], title: str):
 
 def write_image_study_report(run: Path, summary: dict) -> None:
     """report.html of an image-study run, built from its tables (per_example, metrics, evals.json)."""
-    import matplotlib.pyplot as plt
     import pandas as pd
     from matplotlib.ticker import NullFormatter
 
-    from protomem.htmlreport import figure_img, render_page
+    from protomem.htmlreport import figure_img, render_page, subplots
 
     per_example = pd.read_parquet(run / "per_example.parquet")
     metrics = pd.read_parquet(run / "metrics.parquet")
@@ -740,7 +739,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     train = _read_train_images(run)["images"][..., 0]
     figures = []
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.2))
     ax1.plot(metrics["step"], metrics["loss"], marker="o")
     ax1.set_xscale("log")
     ax1.set_xlabel("training step")
@@ -764,7 +763,7 @@ def write_image_study_report(run: Path, summary: dict) -> None:
     headline = summary.get("headline_criterion", "ratio")
     first_column = f"first_memorized_{headline}"
     criterion_name = CRITERION_NAMES[headline]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.4))
     quartile = pd.qcut(per_example["density_train"], 4, labels=False, duplicates="drop")
     for q in sorted(quartile.unique()):
         first = per_example.loc[quartile == q, first_column].to_numpy()

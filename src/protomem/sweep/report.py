@@ -116,9 +116,9 @@ def _fmt_fit(fit: PowerLawFit | None) -> str:
 
 def figure_onsets_vs_size(onsets: pd.DataFrame, fits: dict[str, PowerLawFit | None]):
     """τ_mem and τ_gen vs P, log-log; censored runs as open triangles at their last step."""
-    import matplotlib.pyplot as plt
+    from protomem.htmlreport import subplots
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = subplots(figsize=(6.4, 4.6))
     sizes = onsets["n_train"].to_numpy(dtype=np.float64)
     for key, label, color in (("tau_mem", "τ_mem", MEM_COLOR), ("tau_gen", "τ_gen", GEN_COLOR)):
         taus = onsets[key].to_numpy(dtype=np.float64)
@@ -154,10 +154,11 @@ def figure_curves(
     checkpoints: pd.DataFrame, onsets: pd.DataFrame, mem_threshold: float, gen_threshold: float
 ):
     """Fractions of exact copies and of novel valid samples vs step, one line per run, coloured by P."""
-    import matplotlib.pyplot as plt
     from matplotlib import cm, colors
 
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharex=True)
+    from protomem.htmlreport import subplots
+
+    fig, axes = subplots(1, 2, figsize=(10.5, 3.8), sharex=True)
     sizes = onsets["n_train"].to_numpy(dtype=np.float64)
     norm = colors.LogNorm(vmin=max(sizes.min(), 1), vmax=max(sizes.max(), sizes.min() + 1))
     cmap = cm.viridis
@@ -229,10 +230,10 @@ def _edges(values: np.ndarray) -> np.ndarray:
 
 def figure_phase(checkpoints: pd.DataFrame, onsets: pd.DataFrame):
     """Phase diagram: colour = novel valid minus exact-copy fraction over (step, P), with mean onsets."""
-    import matplotlib.pyplot as plt
+    from protomem.htmlreport import subplots
 
     sizes, steps, mem, gen = phase_grid(checkpoints, onsets)
-    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    fig, ax = subplots(figsize=(7.2, 4.4))
     mesh = ax.pcolormesh(
         _edges(steps), _edges(sizes), np.ma.masked_invalid(gen - mem), cmap="RdBu", vmin=-1, vmax=1
     )
@@ -310,9 +311,9 @@ def zipf_table(onsets: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure_zipf_onsets(onsets: pd.DataFrame, table: pd.DataFrame):
-    import matplotlib.pyplot as plt
+    from protomem.htmlreport import subplots
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     for i, (levels, group) in enumerate(table.groupby("levels")):
         group = group.sort_values("zipf_exponent")
         ax.plot(group["zipf_exponent"], group["tau_mem"], marker="o", color=f"C{i}", label=levels)
@@ -347,13 +348,13 @@ def correlation_columns(points: pd.DataFrame) -> tuple[str, str | None, str | No
 
 
 def figure_correlation(onsets: pd.DataFrame, columns: tuple[str, str | None, str | None]):
-    import matplotlib.pyplot as plt
+    from protomem.htmlreport import subplots
 
     value, low, high = columns
     frame = onsets.copy()
     depth = frame["depth"] if "depth" in frame else pd.Series([None] * len(frame), index=frame.index)
     frame["levels"] = [_levels_label(v, d) for v, d in zip(frame["zipf_levels"], depth, strict=True)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     for i, (levels, group) in enumerate(frame.groupby("levels")):
         x = group["zipf_exponent"].to_numpy(dtype=np.float64) + (i - 1) * 0.02
         y = group[value].to_numpy(dtype=np.float64)
