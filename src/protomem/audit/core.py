@@ -301,10 +301,11 @@ def _standardized(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _TileSpread:
-    """Pixel std per tile of the training images, computed for the images asked for and kept."""
+    """Pixel std per tile of the training images, computed for the images asked for and kept (``chunk``
+    images at a time, so the copies it takes stay small whatever the image size)."""
 
-    def __init__(self, train: np.ndarray, grid: int) -> None:
-        self.train, self.grid = train, grid
+    def __init__(self, train: np.ndarray, grid: int, chunk: int = 1024) -> None:
+        self.train, self.grid, self.chunk = train, grid, chunk
         self.values: np.ndarray | None = None
 
     def __getitem__(self, indices: np.ndarray) -> np.ndarray:
@@ -312,8 +313,9 @@ class _TileSpread:
             count = len(near.tile_slices(*self.train.shape[1:3], self.grid))
             self.values = np.full((len(self.train), count), np.nan, dtype=np.float32)
         missing = np.unique(indices[np.isnan(self.values[indices, 0])])
-        if missing.size:
-            self.values[missing] = near.tile_spread(self.train[missing], self.grid)
+        for start in range(0, missing.size, self.chunk):
+            part = missing[start : start + self.chunk]
+            self.values[part] = near.tile_spread(self.train[part], self.grid)
         return self.values[indices]
 
 
