@@ -41,13 +41,12 @@ GRIDS = {  # threshold -> (argument of flag_rates, grid)
     "normalized": ("normalized", np.round(np.arange(0.05, 0.3001, 0.01), 3)),
     "partial": ("partial", np.array(cal.PARTIAL_THRESHOLDS)),
 }
-SIZES = {"digits8": (800, 497), "digits32": (800, 497), "textures32": (1000, 1000), "colour32": (1000, 1000)}
 
 
 def audit_families(seed: int, scale: float, n_plant: int) -> pd.DataFrame:
     tables = []
     for name in cal.FAMILIES:
-        n_train, n_fresh = (max(50, int(n * scale)) for n in SIZES[name])
+        n_train, n_fresh = (max(50, int(n * scale)) for n in cal.SIZES[name])
         start = time.perf_counter()
         tables.append(cal.run_family(name, n_train, n_fresh, n_plant, seed))
         seconds = time.perf_counter() - start
@@ -190,7 +189,7 @@ def main() -> None:
             + ", ".join(f"{k} {v:g}" for k, v in chosen.items())
         )
         print("Defaults in protomem.audit.defaults: " + ", ".join(f"{k} {v:g}" for k, v in current.items()))
-        validation = audit_families(1, args.scale, args.plants)
+        validation = audit_families(cal.VALIDATION_SEED, args.scale, args.plants)
         report(validation, current)
     if args.skip != "typicality":
         typicality_check(args.runs)

@@ -24,6 +24,13 @@ from protomem.audit import defaults
 from protomem.memorization import near
 
 FAMILIES = ("digits8", "digits32", "textures32", "colour32")
+SIZES = {  # (training images, fresh images) of each family in the calibration
+    "digits8": (800, 497),
+    "digits32": (800, 497),
+    "textures32": (1000, 1000),
+    "colour32": (1000, 1000),
+}
+VALIDATION_SEED = 1  # thresholds are chosen on seed 0; the published rates are those of seed 1
 PLANTS = ("noise", "shift", "crop", "flip", "brightness", "partial")
 # The criterion meant to catch each planted transformation.
 INTENDED = {
