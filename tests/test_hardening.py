@@ -720,6 +720,40 @@ def test_a_zero_byte_npy_is_a_one_line_error(tmp_path):
         assert snapshot(tmp_path) == before
 
 
+def npy_with_overlong_header(path, fill: bytes) -> None:
+    """A .npy whose header-length field reaches into the data, and the data ``fill`` repeated: numpy's header
+    parser then reads data bytes as the header's text."""
+    import io
+    import struct
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((12, 8, 8), dtype=np.uint8))
+    raw = bytearray(buffer.getvalue())
+    length = struct.unpack("<H", raw[8:10])[0]
+    raw[10 + length :] = fill * (len(raw) - 10 - length)
+    raw[8:10] = struct.pack("<H", length + 100)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_npy_header_that_runs_into_its_data_is_a_one_line_error(tmp_path):
+    import numpy as np
+
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint8))
+    for name, fill in (("open.npy", b"("), ("garbage.npy", b"\xff")):  # found by the fuzzer: TokenError
+        bad = tmp_path / name
+        npy_with_overlong_header(bad, fill)
+        for train, generated in ((good, bad), (bad, good)):
+            before = snapshot(tmp_path)
+            result = invoke(
+                "audit", "--train", train, "--generated", generated, "--out", tmp_path / "out", "--quiet"
+            )
+            assert result.is_one_line_error(bad, "unreadable array file"), result.stderr
+            assert snapshot(tmp_path) == before
+
+
 def test_a_shift_larger_than_the_images_is_refused_before_the_audit(tmp_path):
     train = audit_images_folder(tmp_path / "train", count=6)
     args = ["audit", "--train", train, "--generated", train, "--out", tmp_path / "out", "--quiet"]

@@ -618,6 +618,7 @@ def _peek_shape(file: Path, max_pixels: int | None = None) -> tuple[int, int, in
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
     """The array of a .npy (memory-mapped) or one named array of a .npz; one-line errors."""
+    import tokenize
     import zipfile
 
     try:
@@ -643,8 +644,17 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
             return archive[key]
     except ProtomemError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        reason = str(exc) or exc.__class__.__name__
+    # numpy parses a header's text with tokenize and ast: a damaged header can raise their errors too
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        KeyError,
+        SyntaxError,
+        tokenize.TokenError,
+    ) as exc:
+        reason = " ".join((str(exc) or exc.__class__.__name__).split())[:200]
         raise ProtomemError(f"unreadable array file ({reason})", path=path) from None
 
 

@@ -680,13 +680,22 @@ def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
 
 def _read_train_images(run: Path) -> dict[str, np.ndarray]:
     """run/train.npz (images (N, H, W, 1), dataset_index (N,), labels (N,)); damage is a one-line error."""
+    import tokenize
     import zipfile
 
     path = run / "train.npz"
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {name: stored[name] for name in ("images", "dataset_index", "labels")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        zipfile.BadZipFile,
+        SyntaxError,
+        tokenize.TokenError,
+    ) as exc:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise ProtomemError(f"unreadable training images ({detail})", path=path) from None
 
