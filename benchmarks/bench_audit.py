@@ -155,6 +155,7 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int 
                 ("--max-shift 2", ["--max-shift", "2"]),
             ]
         ratios: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in runs}
+        walls: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in runs}  # (command, flat)
         for round_ in range(rounds):
             for i, (label, extra) in enumerate(runs):
                 flat, flat_cpu = flat_search_seconds(
@@ -164,6 +165,7 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int 
                 seconds, cpu, peak = run_command([*base, "--out", str(out), *extra])
                 inside = json.loads((out / "summary.json").read_text())["seconds"]
                 ratios[label].append((seconds / flat, cpu / flat_cpu))
+                walls[label].append((seconds, flat))
                 print(
                     f"full command {label} | {size}x{size}: {n_train:,} train x {n_out:,} outputs | "
                     f"{seconds:.1f} s wall (audit_images {inside:.1f} s), {cpu:.1f} s CPU | faiss flat "
@@ -174,10 +176,12 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int 
         if rounds > 1:
             for label, pairs in ratios.items():
                 wall, cpu = (np.array(column) for column in zip(*pairs, strict=True))
+                command, flat = (np.median(column) for column in zip(*walls[label], strict=True))
                 print(
                     f"full command {label} | {rounds} rounds | ratio median {np.median(wall):.2f}x wall "
                     f"(range {wall.min():.2f}-{wall.max():.2f}), {np.median(cpu):.2f}x CPU "
-                    f"(range {cpu.min():.2f}-{cpu.max():.2f})",
+                    f"(range {cpu.min():.2f}-{cpu.max():.2f}) | median command {command:.1f} s / median "
+                    f"flat search {flat:.1f} s = {command / flat:.2f}x",
                     flush=True,
                 )
 
