@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import tempfile
+import tokenize
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,18 @@ from protomem.outputs import apply_umask_modes, check_dir_target, check_replacea
 from protomem.textio import parse_json, regular_file, text_lines
 
 STRING_FORMATS = ("parquet", "jsonl", "txt")
+
+# What ``np.load`` raises on a damaged .npy / .npz (besides MemoryError): numpy parses a header's text with
+# tokenize and ast, so a damaged header can raise their errors too.
+ARRAY_FILE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    EOFError,
+    KeyError,
+    zipfile.BadZipFile,
+    SyntaxError,
+    tokenize.TokenError,
+)
 
 
 @contextlib.contextmanager

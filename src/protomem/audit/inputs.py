@@ -43,7 +43,7 @@ import numpy as np
 
 from protomem import limits
 from protomem.errors import ProtomemError
-from protomem.io import jsonl_objects, jsonl_records
+from protomem.io import ARRAY_FILE_ERRORS, jsonl_objects, jsonl_records
 from protomem.textio import text_lines
 
 MODALITIES = ("sequences", "text", "images")
@@ -618,9 +618,6 @@ def _peek_shape(file: Path, max_pixels: int | None = None) -> tuple[int, int, in
 
 def _load_array(path: Path, key: str | None) -> np.ndarray:
     """The array of a .npy (memory-mapped) or one named array of a .npz; one-line errors."""
-    import tokenize
-    import zipfile
-
     try:
         if path.suffix.lower() != ".npz":
             if key is not None:
@@ -644,16 +641,7 @@ def _load_array(path: Path, key: str | None) -> np.ndarray:
             return archive[key]
     except ProtomemError:
         raise
-    # numpy parses a header's text with tokenize and ast: a damaged header can raise their errors too
-    except (
-        OSError,
-        ValueError,
-        EOFError,
-        zipfile.BadZipFile,
-        KeyError,
-        SyntaxError,
-        tokenize.TokenError,
-    ) as exc:
+    except ARRAY_FILE_ERRORS as exc:
         reason = " ".join((str(exc) or exc.__class__.__name__).split())[:200]
         raise ProtomemError(f"unreadable array file ({reason})", path=path) from None
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from protomem.errors import ProtomemError
-from protomem.io import atomic_path, write_json_atomic, write_text_atomic
+from protomem.io import ARRAY_FILE_ERRORS, atomic_path, write_json_atomic, write_text_atomic
 from protomem.outputs import apply_umask_modes
 
 
@@ -680,22 +680,11 @@ def rebuild_image_study(out_dir: str | os.PathLike) -> Path:
 
 def _read_train_images(run: Path) -> dict[str, np.ndarray]:
     """run/train.npz (images (N, H, W, 1), dataset_index (N,), labels (N,)); damage is a one-line error."""
-    import tokenize
-    import zipfile
-
     path = run / "train.npz"
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {name: stored[name] for name in ("images", "dataset_index", "labels")}
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        EOFError,
-        zipfile.BadZipFile,
-        SyntaxError,
-        tokenize.TokenError,
-    ) as exc:
+    except ARRAY_FILE_ERRORS as exc:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise ProtomemError(f"unreadable training images ({detail})", path=path) from None
 
