@@ -154,8 +154,8 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int 
                 ("--normalized", ["--normalized"]),
                 ("--max-shift 2", ["--max-shift", "2"]),
             ]
-        ratios: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in runs}
-        walls: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in runs}  # (command, flat)
+        # label -> one (command wall, flat wall, command CPU, flat CPU) per round, in seconds
+        times: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _ in runs}
         for round_ in range(rounds):
             for i, (label, extra) in enumerate(runs):
                 flat, flat_cpu = flat_search_seconds(
@@ -164,8 +164,7 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int 
                 out = folder / f"out{round_}-{i}"
                 seconds, cpu, peak = run_command([*base, "--out", str(out), *extra])
                 inside = json.loads((out / "summary.json").read_text())["seconds"]
-                ratios[label].append((seconds / flat, cpu / flat_cpu))
-                walls[label].append((seconds, flat))
+                times[label].append((seconds, flat, cpu, flat_cpu))
                 print(
                     f"full command {label} | {size}x{size}: {n_train:,} train x {n_out:,} outputs | "
                     f"{seconds:.1f} s wall (audit_images {inside:.1f} s), {cpu:.1f} s CPU | faiss flat "
@@ -174,9 +173,10 @@ def bench_full(n_train: int, n_out: int, size: int, variants: bool, rounds: int 
                     flush=True,
                 )
         if rounds > 1:
-            for label, pairs in ratios.items():
-                wall, cpu = (np.array(column) for column in zip(*pairs, strict=True))
-                command, flat = (np.median(column) for column in zip(*walls[label], strict=True))
+            for label, rows in times.items():
+                command_wall, flat_wall, command_cpu, flat_cpu = np.array(rows).T
+                wall, cpu = command_wall / flat_wall, command_cpu / flat_cpu
+                command, flat = np.median(command_wall), np.median(flat_wall)
                 print(
                     f"full command {label} | {rounds} rounds | ratio median {np.median(wall):.2f}x wall "
                     f"(range {wall.min():.2f}-{wall.max():.2f}), {np.median(cpu):.2f}x CPU "
