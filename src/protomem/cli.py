@@ -8,7 +8,9 @@ refuses) becomes a one-line message and exit code 2; :func:`run` runs a command 
 
 from __future__ import annotations
 
+import atexit
 import errno
+import gc
 import sys
 
 import typer
@@ -106,6 +108,12 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main() -> None:
     """Entry point of the ``protomem`` script."""
+    # At exit, freeze every object out of the garbage collector: the interpreter's final collections then
+    # skip them, which saves about 0.2 s once pandas and matplotlib are loaded. Exit handlers registered
+    # later (Ray's shutdown, ...) run first, and files are flushed and closed as usual. Registered at exit
+    # only, so a process that calls main() several times (the tests) keeps collecting in between.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     sys.exit(run())
 
 
