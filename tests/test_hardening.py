@@ -761,3 +761,27 @@ def test_a_shift_larger_than_the_images_is_refused_before_the_audit(tmp_path):
     assert result.is_one_line_error("--max-shift 16", "8x8"), result.stderr
     assert not (tmp_path / "out").exists()
     assert invoke(*args, "--max-shift", "2").code == 0  # at most a quarter of the shorter side
+
+
+def test_the_script_freezes_the_garbage_collector_only_at_exit(tmp_path):
+    """``main`` defers ``gc.freeze`` (a faster exit) to an exit handler: a process that calls it in-process
+    keeps collecting afterwards, and the script still writes its outputs and runs its exit handlers."""
+    import gc
+
+    assert invoke("grammar", "sample", "--out", tmp_path / "a", "--count", "4").code == 0
+    assert gc.get_freeze_count() == 0
+    script = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from protomem.cli import main\n"
+        "sys.argv = ['protomem', 'grammar', 'sample', '--out', sys.argv[1], '--count', '4']\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "b")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "frozen at exit: True" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(
+        p.name for p in (tmp_path / "a").iterdir()
+    )
