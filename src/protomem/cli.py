@@ -110,8 +110,8 @@ def main() -> None:
     """Entry point of the ``protomem`` script."""
     # At exit, freeze every object out of the garbage collector: the interpreter's final collections then
     # skip them, which saves about 0.2 s once pandas and matplotlib are loaded. Exit handlers registered
-    # later (Ray's shutdown, ...) run first, and files are flushed and closed as usual. Registered at exit
-    # only, so a process that calls main() several times (the tests) keeps collecting in between.
+    # later (Ray's shutdown, ...) run first, and files are flushed and closed as usual. Frozen in an exit
+    # handler, not here, so a process that calls main() several times (the tests) keeps collecting.
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)
     sys.exit(run())
