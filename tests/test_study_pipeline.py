@@ -240,6 +240,25 @@ def test_cli_errors_are_one_line(tiny_run):
     assert result.returncode == 2 and "no such run directory" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "field, value", [("grammar", None), ("training_set", "matched"), ("finer_sampler", [1]), ("slop", 3)]
+)
+def test_report_on_a_summary_with_fields_of_the_wrong_type_is_one_line(tiny_run, tmp_path, field, value):
+    """The report's template reads these fields; a hand-edited summary.json that breaks them is a damaged
+    record (found by the long fuzz run: 'grammar': null was a jinja2 UndefinedError traceback)."""
+    from tests.cli_runner import invoke, snapshot
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("train"))
+    summary = json.loads((run / "summary.json").read_text())
+    summary[field] = value
+    (run / "summary.json").write_text(json.dumps(summary))
+    before = snapshot(run)
+    result = invoke("report", run)
+    assert result.is_one_line_error(run, "damaged or incomplete"), result.stderr
+    assert snapshot(run) == before
+
+
 def test_report_rebuilt_from_tables_renders_every_figure(tiny_run, tmp_path):
     require_chromium()
     (tiny_run / "report.html").unlink()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pandas as pd
 
@@ -267,7 +268,15 @@ def render_report(run_dir: str | Path) -> Path:
 
             return rebuild_image_study(run_dir) / "report.html"
         return render_condition_report(run_dir)
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+    except (
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        ZeroDivisionError,
+        jinja2.UndefinedError,  # the page template reads a field the record lacks or has of another type
+    ) as exc:
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise ProtomemError(
             f"cannot rebuild the report: a table or record of this run is damaged or incomplete ({detail})",
