@@ -785,3 +785,36 @@ def test_the_script_freezes_the_garbage_collector_only_at_exit(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(
         p.name for p in (tmp_path / "a").iterdir()
     )
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_a_training_set_of_one_item_has_no_ratio_flag_and_no_numpy_warnings(tmp_path, kind):
+    """One training item has no second-nearest item, so no d1/d2 ratio: an unrelated output is not a
+    copy (it was: d2 = inf made every output's ratio 0). Nor has it neighbours to measure a density
+    from: the summary says so without numpy's "Mean of empty slice" warnings (found by the fuzz run)."""
+    import warnings
+
+    if kind == "txt":
+        train, generated = "the cat sat on the mat today\n", "the cat sat on the mat today\nanother line\n"
+    else:
+        train, generated = (
+            '{"tokens": [1, 2, 3, 4]}\n',
+            '{"tokens": [1, 2, 3, 4]}\n{"tokens": [4, 3, 2, 1]}\n',
+        )
+    (tmp_path / f"train.{kind}").write_text(train)
+    (tmp_path / f"generated.{kind}").write_text(generated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning becomes a traceback, which the checks below refuse
+        result = invoke(
+            "audit",
+            "--train",
+            tmp_path / f"train.{kind}",
+            "--generated",
+            tmp_path / f"generated.{kind}",
+            "--out",
+            tmp_path / "out",
+            "--quiet",
+        )
+    assert result.code == 0, result.stderr
+    assert "Warning" not in result.stderr and "Traceback" not in result.stderr
+    assert "1 of 2 outputs flagged" in result.stdout + result.stderr

@@ -575,13 +575,12 @@ def _hamming_columns(
     same = np.stack([outputs[i] for i in fits])
     columns["exact_train"][fits] = exact.find(same)
     distances, indices = nearest_hamming(matrix, same, k=min(2, n_train))
-    d1 = distances[:, 0].astype(np.float64)
-    d2 = distances[:, 1].astype(np.float64) if n_train > 1 else np.full(fits.size, np.inf)
     columns["nearest_train"][fits] = indices[:, 0]
-    if n_train > 1:
+    columns["d1"][fits] = distances[:, 0]
+    if n_train > 1:  # one training sequence: no second-nearest, no ratio (as in feature space)
         columns["second_train"][fits] = indices[:, 1]
-    columns["d1"][fits], columns["d2"][fits] = d1, d2
-    columns["d1_over_d2"][fits] = near.distance_ratio(d1, d2)
+        columns["d2"][fits] = distances[:, 1]
+        columns["d1_over_d2"][fits] = near.distance_ratio(distances[:, 0], distances[:, 1])
     return columns
 
 

@@ -144,8 +144,11 @@ def bag_vectors(train: Sequence[np.ndarray], buckets: int = 2048) -> np.ndarray:
 
 
 def density(neighbours: Neighbours, k: int) -> np.ndarray:
-    """(S,) mean distance to the k nearest other items."""
-    return neighbours.distances[:, :k].mean(axis=1)
+    """(S,) mean distance to the k nearest other items; NaN when there are none (one training item)."""
+    nearest = neighbours.distances[:, :k]
+    if nearest.shape[1] == 0:
+        return np.full(nearest.shape[0], np.nan)
+    return nearest.mean(axis=1)
 
 
 # ---------------------------------------------------------------------------------------- planted copies
