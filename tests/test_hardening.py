@@ -720,6 +720,19 @@ def test_a_zero_byte_npy_is_a_one_line_error(tmp_path):
         assert snapshot(tmp_path) == before
 
 
+def test_a_training_set_of_one_image_is_refused_naming_the_file(tmp_path):
+    import numpy as np
+
+    one = tmp_path / "one.npy"
+    np.save(one, np.zeros((1, 8, 8), dtype=np.uint8))
+    generated = tmp_path / "generated.npy"
+    np.save(generated, np.zeros((3, 8, 8), dtype=np.uint8))
+    before = snapshot(tmp_path)
+    result = invoke("audit", "--train", one, "--generated", generated, "--out", tmp_path / "out", "--quiet")
+    assert result.is_one_line_error(one, "at least 2"), result.stderr  # the file was not named (fuzz run)
+    assert snapshot(tmp_path) == before
+
+
 def npy_with_overlong_header(path, fill: bytes) -> None:
     """A .npy whose header-length field reaches into the data, and the data ``fill`` repeated: numpy's header
     parser then reads data bytes as the header's text."""
