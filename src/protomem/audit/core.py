@@ -166,6 +166,16 @@ class AuditResult:
     extras: dict = field(default_factory=dict)
 
 
+def check_training_images(count: int, path: object = None) -> None:
+    """Refuse fewer than 2 training images (d1/d2 needs a second nearest), naming ``path`` if given."""
+    if count < 2:
+        raise ProtomemError(
+            f"the training set holds {count} image(s); the audit needs at least 2 "
+            "(d1/d2 uses the second nearest)",
+            path=path,
+        )
+
+
 def check_image_settings(config: AuditConfig, shape: Sequence[int], path: object = None) -> None:
     """Refuse settings that do not fit images of ``shape`` (H, W, C), naming ``path`` if given."""
     height, width = int(shape[0]), int(shape[1])
@@ -435,8 +445,7 @@ def audit_images(
     started = time.perf_counter()
     train = np.ascontiguousarray(train, dtype=np.float32)
     n_train = train.shape[0]
-    if n_train < 2:
-        raise ProtomemError("the training set needs at least 2 images (d1/d2 uses the second nearest)")
+    check_training_images(n_train)
     check_image_settings(config, train.shape[1:])
     values = int(np.prod(train.shape[1:]))
     flat_train = train.reshape(n_train, -1)

@@ -32,6 +32,7 @@ from protomem.audit.core import (
     audit_sequences,
     audit_text,
     check_image_settings,
+    check_training_images,
 )
 from protomem.audit.features import Embedder, FeatureSpace, embedder_space, precomputed_space
 from protomem.audit.inputs import (
@@ -128,12 +129,7 @@ def run_audit(
     with bar:
         if modality == "images":
             train_source = open_images(train_path, config.max_image_pixels)
-            if train_source.count < 2:
-                raise ProtomemError(
-                    f"holds {train_source.count} image(s); the audit needs at least 2 training images "
-                    "(d1/d2 uses the second nearest)",
-                    path=train_path,
-                )
+            check_training_images(train_source.count, train_path)
             train_source.conform(None, config.resize)
             generated_source = open_images(generated_path, config.max_image_pixels)
             generated_source.conform(train_source.shape, config.resize)
